@@ -1,0 +1,125 @@
+"""The `lte` custom ops: the only place ops are registered.
+
+- `lte::sparse_ffn(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)`
+  the whole LTE FFN (contract in `reference.py`); what the backend rewrites FFN regions into.
+- `lte::apply_gates(h, gates, expert_size, mode, tau)`: scales the intermediate activations
+  per expert. `lte.prepare` puts it in the eager forward, so every Dynamo/export graph of a
+  prepared model carries an unambiguous marker between the activation and the down projection.
+
+Both are `custom_op`s with a fake (shapes static: no data-dependent size reaches Dynamo) and an
+autograd formula for soft and hard mode. In hard mode the 0/1 mask has no gradient w.r.t. the gates
+(stage 2 freezes the routers); in soft mode the gates get d(loss)/d(G).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .reference import activation, activation_backward, apply_gates_reference, expand_experts, expert_scale
+
+
+def _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode):
+    torch._check(x.dim() == 2, lambda: f"lte::sparse_ffn: x must be [T, d], got {tuple(x.shape)}")
+    torch._check(gates.dim() == 2, lambda: f"lte::sparse_ffn: gates must be [T, E], got {tuple(gates.shape)}")
+    n, d = w_up.shape
+    torch._check(x.shape[1] == d, lambda: f"lte::sparse_ffn: x has d={x.shape[1]} but w_up is {tuple(w_up.shape)}")
+    torch._check(gates.shape[0] == x.shape[0], lambda: "lte::sparse_ffn: gates and x differ in T")
+    torch._check(expert_size > 0, lambda: f"lte::sparse_ffn: expert_size must be > 0, got {expert_size}")
+    torch._check(gates.shape[1] * expert_size == n,
+                 lambda: f"lte::sparse_ffn: E*B = {gates.shape[1]}*{expert_size} != N = {n} rows of w_up")
+    torch._check(w_down.shape[0] == n, lambda: f"lte::sparse_ffn: w_down must be [N={n}, d_out], got {tuple(w_down.shape)}")
+    if w_gate is not None:
+        torch._check(w_gate.shape == w_up.shape, lambda: "lte::sparse_ffn: w_gate and w_up differ in shape")
+    torch._check(act in ("relu", "gelu", "gelu_tanh", "silu"), lambda: f"lte::sparse_ffn: unknown act {act!r}")
+    torch._check(mode in ("soft", "hard"), lambda: f"lte::sparse_ffn: mode must be soft|hard, got {mode!r}")
+
+
+@torch.library.custom_op("lte::sparse_ffn", mutates_args=())
+def sparse_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
+               b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None,
+               act: str, expert_size: int, mode: str, tau: float) -> Tensor:
+    """LTE FFN over the experts selected by `gates` (see kernels/reference.py for the contract)."""
+    _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode)
+    return dispatch.sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                                       act, expert_size, mode, tau)
+
+
+@sparse_ffn.register_fake
+def _(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau):
+    _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode)
+    return x.new_empty(x.shape[0], w_down.shape[1])
+
+
+def _sparse_ffn_setup(ctx, inputs, output):
+    x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau = inputs
+    ctx.save_for_backward(x, gates, w_up, w_gate, w_down, b_up, b_gate)
+    ctx.act, ctx.expert_size, ctx.mode, ctx.tau = act, expert_size, mode, tau
+    ctx.has_b_down = b_down is not None
+
+
+def _sparse_ffn_backward(ctx, dy):
+    """Recomputes the hidden activations (cheap next to storing [T, N]) and applies the chain rule."""
+    x, gates, w_up, w_gate, w_down, b_up, b_gate = ctx.saved_tensors
+    act, B = ctx.act, ctx.expert_size
+    T, E = gates.shape
+    a_up = torch.nn.functional.linear(x, w_up, b_up)  # [T, N]
+    a_gate = None if w_gate is None else torch.nn.functional.linear(x, w_gate, b_gate)
+    h = activation(act, a_up) if a_gate is None else activation(act, a_gate) * a_up
+    scale = expand_experts(expert_scale(gates, ctx.mode, ctx.tau, h.dtype), B)  # [T, N]
+    d_hs = dy @ w_down.t()  # [T, N]
+    dw_down = (h * scale).t() @ dy  # [N, d_out]
+    db_down = dy.sum(0) if ctx.has_b_down else None
+    d_gates = None
+    if ctx.mode == "soft":
+        d_gates = (d_hs * h).reshape(T, E, B).sum(-1).to(gates.dtype)
+    dh = d_hs * scale
+    if a_gate is None:
+        d_up, d_gate = activation_backward(act, dh, a_up), None
+    else:
+        d_up = dh * activation(act, a_gate)
+        d_gate = activation_backward(act, dh * a_up, a_gate)
+    dx = d_up @ w_up
+    dw_up, db_up = d_up.t() @ x, (d_up.sum(0) if b_up is not None else None)
+    dw_gate = db_gate = None
+    if d_gate is not None:
+        dx = dx + d_gate @ w_gate
+        dw_gate = d_gate.t() @ x
+        db_gate = d_gate.sum(0) if b_gate is not None else None
+    return dx, d_gates, dw_up, dw_gate, dw_down, db_up, db_gate, db_down, None, None, None, None
+
+
+sparse_ffn.register_autograd(_sparse_ffn_backward, setup_context=_sparse_ffn_setup)
+
+
+@torch.library.custom_op("lte::apply_gates", mutates_args=())
+def apply_gates(h: Tensor, gates: Tensor, expert_size: int, mode: str, tau: float) -> Tensor:
+    """h: [..., E*B], gates: [..., E] -> h scaled by the gate (soft) or the mask gates > tau (hard)."""
+    return apply_gates_reference(h, gates, expert_size, mode, tau)
+
+
+@apply_gates.register_fake
+def _(h, gates, expert_size, mode, tau):
+    torch._check(h.shape[-1] == gates.shape[-1] * expert_size,
+                 lambda: f"lte::apply_gates: h has {h.shape[-1]} neurons, gates {gates.shape[-1]} experts of {expert_size}")
+    torch._check(mode in ("soft", "hard"), lambda: f"lte::apply_gates: mode must be soft|hard, got {mode!r}")
+    return torch.empty_like(h)
+
+
+def _apply_gates_setup(ctx, inputs, output):
+    h, gates, expert_size, mode, tau = inputs
+    ctx.save_for_backward(h, gates)
+    ctx.expert_size, ctx.mode, ctx.tau = expert_size, mode, tau
+
+
+def _apply_gates_backward(ctx, dy):
+    h, gates = ctx.saved_tensors
+    B = ctx.expert_size
+    dh = apply_gates_reference(dy, gates, B, ctx.mode, ctx.tau)
+    d_gates = None
+    if ctx.mode == "soft":
+        d_gates = (dy * h).unflatten(-1, (gates.shape[-1], B)).sum(-1).to(gates.dtype)
+    return dh, d_gates, None, None, None
+
+
+apply_gates.register_autograd(_apply_gates_backward, setup_context=_apply_gates_setup)
