@@ -41,6 +41,10 @@ class Config:
     """'skip': leave an FFN that cannot be made sparse dense, with a warning naming the reason.
     'error': raise UnsupportedFFNError instead."""
 
+    kernel_layout: bool = True
+    """Store each FFN's W_down (and Conv1D W_up) column-major so every neuron's weights are one
+    contiguous row for the sparse kernels (shapes and values unchanged; see plan.kernel_layout_)."""
+
     mode: str = "dense"
     """Mode right after prepare: 'dense' (the original FFN), 'soft' (stage 1) or 'hard' (stage 2)."""
 

@@ -1,0 +1,112 @@
+"""`LTERouter`: the per-FFN router module, and the two forward hooks that make an FFN an LTE FFN.
+
+`lte.prepare` attaches one router per FFN as `<ffn owner>.lte_router` (ordinary parameters, so
+state_dict, `.to()`, DDP/FSDP and checkpoints just work) and registers:
+- on the up projection module, a forward hook computing G = sigmoid(router(x)) from its input x;
+- on the down projection module, a forward pre-hook scaling its input h by `lte::apply_gates`.
+The hooks keep the user's modules and their code unchanged, work for FFNs split across modules
+(BERT) or with no FFN module at all (OPT), and leave an `lte.apply_gates` marker in every traced
+graph that the backend's rewrite turns into one `lte::sparse_ffn` op.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.lte.*)
+
+
+@dataclass
+class FFNSpec:
+    """Where an FFN's weights live in the model, by path (what `lte.save` records)."""
+
+    name: str  # owner module path, e.g. "model.layers.0.mlp"
+    up_module: str
+    down_module: str
+    gate_module: str | None
+    up_weight: str
+    down_weight: str
+    gate_weight: str | None
+    up_bias: str | None
+    down_bias: str | None
+    gate_bias: str | None
+    up_transposed: bool  # weight stored [in, out] (GPT-2 Conv1D)
+    down_transposed: bool
+    gate_transposed: bool
+    up_rows: tuple[int, int] | None  # slice of a fused gate_up weight
+    gate_rows: tuple[int, int] | None
+    activation: str
+    glu: bool
+    d_model: int
+    d_ff: int
+    d_out: int
+    form: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FFNSpec":
+        d = dict(d)
+        for k in ("up_rows", "gate_rows"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class LTERouter(nn.Module):
+    """Router of one FFN: G(x) = sigmoid(linear(x)) in (0, 1)^E; expert e active iff G_e > tau.
+
+    `last_gates` holds G of the latest forward ([..., E]; differentiable in soft mode) for the
+    training losses; `mode` is 'dense' (router unused), 'soft' (scale by G) or 'hard' (mask G > tau).
+    `permutation[i]` is the original index of neuron i (prepare made experts contiguous).
+    """
+
+    def __init__(self, spec: FFNSpec, expert_size: int, tau: float, *, device=None, dtype=None):
+        super().__init__()
+        self.spec = spec
+        self.expert_size = expert_size
+        self.num_experts = spec.d_ff // expert_size
+        self.tau = float(tau)
+        self.mode = "dense"
+        self.linear = nn.Linear(spec.d_model, self.num_experts, device=device, dtype=dtype)
+        self.register_buffer("permutation", torch.arange(spec.d_ff, device=device), persistent=True)
+        self.last_gates: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., d] -> G: [..., E]."""
+        return torch.sigmoid(self.linear(x))
+
+    def extra_repr(self) -> str:
+        return (f"ffn={self.spec.name!r}, experts={self.num_experts}x{self.expert_size}, "
+                f"tau={self.tau}, act={self.spec.activation}, glu={self.spec.glu}, mode={self.mode!r}")
+
+
+class RouteHook:
+    """Forward hook on the up projection: its input is the FFN input x; store G(x) on the router.
+
+    A callable object, not a closure, so `copy.deepcopy(model)` rebinds it to the copied router.
+    """
+
+    def __init__(self, router: LTERouter):
+        self.router = router
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self.router.mode != "dense":
+            self.router.last_gates = self.router(args[0])
+
+
+class GateHook:
+    """Forward pre-hook on the down projection: scale its input h ([..., E*B]) per expert."""
+
+    def __init__(self, router: LTERouter):
+        self.router = router
+
+    def __call__(self, module: nn.Module, args: tuple):
+        r = self.router
+        if r.mode == "dense":
+            return None
+        h = torch.ops.lte.apply_gates(args[0], r.last_gates, r.expert_size, r.mode, r.tau)
+        return (h, *args[1:])
