@@ -1,0 +1,102 @@
+"""The `lte` command line: inspect what the passes find, and run the benchmark.
+
+    lte inspect path/to/model_dir_or_config.json [--sparsity 0.5] [--tokens 1]
+    lte inspect my_pkg.models:build_model         (a callable returning a module, or (module, inputs))
+    lte bench [--quick ...]                       (kernels/bench.py)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def load_target(target: str) -> tuple[nn.Module, Any]:
+    """(model, example_inputs) from a `module:callable`, a config.json, or a model directory.
+
+    Transformers models are built from their config with random weights (inspect only needs
+    shapes); weights in the directory are never read.
+    """
+    if ":" in target and not Path(target).exists():
+        mod_name, _, fn_name = target.partition(":")
+        obj = getattr(importlib.import_module(mod_name), fn_name)
+        made = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+        return made if isinstance(made, tuple) else (made, None)
+    path = Path(target)
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.exists():
+        raise SystemExit(f"lte: {target}: no config.json found; give a transformers model directory, "
+                         "a config.json, or module:callable")
+    import transformers
+    config = transformers.AutoConfig.for_model(**json.loads(cfg_path.read_text()))
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM if not config.is_encoder_decoder else transformers.AutoModelForSeq2SeqLM
+        return cls.from_config(config).eval(), None
+    return cls(config).eval(), None
+
+
+def _fmt(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def inspect_model(model: nn.Module, example_inputs: Any = None, *, sparsity: float = 0.5, tokens: int = 1,
+                  expert_size: int = 32, bytes_per_param: int = 2) -> str:
+    """A table per FFN (path, form, activation, sizes, experts, FLOPs and bytes per step) + near misses."""
+    from .passes import ffn_cost, find_ffns_in_model
+    from .plan import example_args
+
+    args, kwargs = example_args(model, example_inputs)
+    with torch.no_grad():
+        report = find_ffns_in_model(model, *args, **kwargs)
+    head = (f"{'FFN':<34} {'form':<14} {'act':<9} {'glu':<4} {'d':>6} {'d_ff':>7} {'experts':>8} "
+            f"{'FLOPs dense':>11} {f'FLOPs s={sparsity}':>11} {'bytes dense':>11} {f'bytes s={sparsity}':>11}")
+    lines = [f"{len(report.matches)} FFN(s) found (T={tokens} tokens, {bytes_per_param}-byte weights)", head,
+             "-" * len(head)]
+    for m in report.matches:
+        cost = ffn_cost(m.d_model, m.d_ff, m.d_out, m.glu, bytes_per_param=bytes_per_param)
+        dense, sparse = cost.evaluate(T=tokens, s=0.0), cost.evaluate(T=tokens, s=sparsity)
+        experts = f"{m.d_ff // expert_size}x{expert_size}" if m.d_ff % expert_size == 0 else "n/a"
+        lines.append(f"{m.module or '<root>':<34} {m.form:<14} {m.activation:<9} {'yes' if m.glu else 'no':<4} "
+                     f"{m.d_model:>6} {m.d_ff:>7} {experts:>8} {_fmt(dense['flops']):>11} "
+                     f"{_fmt(sparse['flops']):>11} {_fmt(dense['bytes']):>11} {_fmt(sparse['bytes']):>11}")
+    if report.near_misses:
+        lines.append(f"\n{len(report.near_misses)} near miss(es):")
+        lines += [f"  {n}" for n in report.near_misses]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lte", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="list the FFNs the passes find, with their cost")
+    ins.add_argument("target", help="model directory, config.json, or module:callable")
+    ins.add_argument("--sparsity", type=float, default=0.5, help="sparsity s for the sparse columns (default 0.5)")
+    ins.add_argument("--tokens", type=int, default=1, help="tokens per step T (default 1: decode)")
+    ins.add_argument("--expert-size", type=int, default=32, help="neurons per expert B (default 32)")
+    ins.add_argument("--bytes-per-param", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
+    sub.add_parser("bench", help="sparse vs dense FFN benchmark (lte bench --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from .kernels.bench import main as bench_main
+        return bench_main(rest) or 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    model, inputs = load_target(args.target)
+    print(inspect_model(model, inputs, sparsity=args.sparsity, tokens=args.tokens,
+                        expert_size=args.expert_size, bytes_per_param=args.bytes_per_param))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
