@@ -49,3 +49,10 @@ def run(model, input_ids):
 @pytest.fixture
 def tiny():
     return build
+
+
+def tiny_mlp():
+    """A `module:callable` target for `lte inspect`: (model, example_inputs)."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    return mlp, (torch.randn(2, 16),)
