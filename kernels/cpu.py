@@ -1,0 +1,119 @@
+"""CPU sparse FFN: the C++ gathered kernel (built once per machine) and a pure-torch fallback.
+
+Letters: T tokens, d model dim, d_out output dim, E experts, B expert size, N = E*B, s sparsity.
+
+Contract: `reference.sparse_ffn_reference` (same signature). Kernel: `csrc/sparse_ffn_cpu.cpp`.
+Benchmark: `python -m lte_compile.kernels.bench`.
+
+The extension is compiled with `torch.utils.cpp_extension.load` on first use (~20-40 s cold) into
+torch's default extensions dir (`~/.cache/torch_extensions/<py>_<cpu>/lte_sparse_ffn_cpu`, or
+`$TORCH_EXTENSIONS_DIR`). torch keys the build on the source and flags, so later processes load
+the cached `.so` in ~10 ms, and concurrent processes wait on torch's file lock instead of building
+twice. Flags: `-O3 -march=native` (AVX-512 / AVX2 as the machine has), no `-fopenmp`: threads come
+from `at::parallel_for` (FACTS.md: a second OpenMP runtime stalls torch ops).
+
+When no compiler is available (or the build fails), `sparse_ffn_torch` is used with a warning:
+it is grouped by expert too, but pays one torch call per active expert.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import activation, expert_scale
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "sparse_ffn_cpu.cpp")
+_EXT_NAME = "lte_sparse_ffn_cpu"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cflags() -> list[str]:
+    flags = ["-O3", "-march=native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # GCC's AMD/Intel tunings prefer 256-bit vectors; the kernel's vector types are 512-bit,
+        # and splitting them doubles the bf16 conversion work.
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
+@functools.lru_cache(maxsize=1)
+def load_extension():
+    """The compiled C++ module, or None (with one warning) if it cannot be built here."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        warnings.warn(f"lte_compile: no C++ compiler ({cxx!r} not on PATH); the CPU sparse FFN "
+                      "uses the slower pure-torch path. Install g++ to get the fast kernel.",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        return load(name=_EXT_NAME, sources=[_SOURCE], extra_cflags=_cflags(),
+                    verbose=False)
+    except Exception as e:  # a broken toolchain must not break the op: fall back, loudly
+        warnings.warn(f"lte_compile: building the CPU sparse FFN kernel failed ({type(e).__name__}: "
+                      f"{e}); using the slower pure-torch path.", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def extension_available() -> bool:
+    """True if the C++ kernel is built (builds it on first call)."""
+    return load_extension() is not None
+
+
+def sparse_ffn_cpu(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
+                   b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, act: str,
+                   expert_size: int, mode: str, tau: float) -> Tensor:
+    """C++ launcher. x: [T, d], gates: [T, E], w_up/w_gate: [N, d], w_down: [N, d_out] -> [T, d_out].
+
+    Weights with a non-unit last stride (e.g. `w_down = linear.weight.t()`) are copied by the
+    kernel on every call (a full weight read+write): store them in kernel layout instead.
+    """
+    ext = load_extension()
+    if ext is None:
+        return sparse_ffn_torch(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
+                                expert_size, mode, tau)
+    return ext.sparse_ffn_cpu(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
+                              expert_size, mode, float(tau))
+
+
+def sparse_ffn_torch(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
+                     b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, act: str,
+                     expert_size: int, mode: str, tau: float) -> Tensor:
+    """Pure-torch gathered sparse FFN grouped by expert (the no-compiler fallback; any device).
+
+    For each expert used by any token: gather its tokens, run its B neurons as a small dense FFN,
+    scatter-add the result. Reads only used experts' weights, at one torch call per step. Syncs
+    with the host (`nonzero`): not for CUDA graphs.
+    """
+    T, E = gates.shape
+    B = expert_size
+    scale = expert_scale(gates, mode, tau, torch.float32)  # [T, E]
+    y = x.new_zeros(T, w_down.shape[1], dtype=torch.float32)
+    pairs = scale.t().nonzero()  # [P, 2] of (expert, token), grouped by expert, tokens ascending
+    if pairs.numel():
+        counts = torch.bincount(pairs[:, 0], minlength=E).tolist()
+        toks_by_e = pairs[:, 1].split(counts)
+        xf = x.float()
+        for e, toks in enumerate(toks_by_e):
+            if toks.numel() == 0:
+                continue
+            rows = slice(e * B, (e + 1) * B)
+            xe = xf.index_select(0, toks)  # [n_e, d]
+            a = F.linear(xe, w_up[rows].float(), None if b_up is None else b_up[rows].float())
+            if w_gate is None:
+                h = activation(act, a)
+            else:
+                g = F.linear(xe, w_gate[rows].float(), None if b_gate is None else b_gate[rows].float())
+                h = activation(act, g) * a  # [n_e, B]
+            h = h * scale[toks, e].unsqueeze(1)
+            y.index_add_(0, toks, h @ w_down[rows].float())  # [n_e, d_out]
+    if b_down is not None:
+        y += b_down.float()
+    return y.to(x.dtype)

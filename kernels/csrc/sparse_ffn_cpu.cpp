@@ -1,0 +1,365 @@
+// Gathered sparse FFN for the CPU: reads only the active experts' weight blocks.
+//
+// Letters: T tokens, d model dim, d_out output dim, E experts, B expert size (neurons per
+// expert), N = E*B neurons, s sparsity (fraction of inactive experts).
+//
+// Contract: kernels/reference.py (sparse_ffn_reference). Python side: kernels/cpu.py (build,
+// launcher, fallback). Benchmark: kernels/bench.py.
+//
+// Layout: w_up, w_gate [N, d] and w_down [N, d_out] (= W_down^T) with unit stride along the last
+// dim, so an expert is B contiguous rows of each: reading it is one sequential stream, which is
+// what lets batch-1 decode approach (1 - s) x dense time (memory-bound).
+//
+// Two phases, each one at::parallel_for (NOT -fopenmp: a second OpenMP runtime beside torch's
+// oversubscribes the cores and stalls torch ops, FACTS.md "CPU kernel facts"):
+//   1. up:   parallel over active experts. For every (token, expert) pair, h[p, 0..B) =
+//            act(x W_gate[e]^T + b_gate) * (x W_up[e]^T + b_up) * scale. d is tiled so the
+//            expert's weight tile stays in L2 while token chunks of 4 reuse it (grouped by expert:
+//            at batch > 1 each weight block is read from memory once, however many tokens need it).
+//   2. down: parallel over column tiles of d_out (no reduction buffers, deterministic). For each
+//            active expert, y[t, tile] += h[p, :] @ W_down^T[e, tile] over its pairs.
+// Accumulation is fp32 for every weight dtype (fp32, bf16, fp16); y is rounded once at the end.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kTokChunk = 4;     // tokens sharing one pass over a weight row (register blocking)
+constexpr int kRowGroup = 8;     // W_down rows combined per pass over a y tile
+constexpr int64_t kDTile = 1024; // d tile of phase 1 (expert tile = 2*B*kDTile*4 B = 256 KB at B=32)
+
+enum Act { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+
+inline float to_f(float v) { return v; }
+// bf16 -> fp32 is a 16-bit shift; written on the bits so the compiler vectorizes it.
+inline float to_f(c10::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_f(c10::Half v) { return static_cast<float>(v); }
+
+inline float activation(int act, float a) {
+  switch (act) {
+    case kRelu: return a > 0.f ? a : 0.f;
+    case kGelu: return 0.5f * a * (1.f + std::erf(a * 0.70710678118654752f));
+    case kGeluTanh: {
+      const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+      return 0.5f * a * (1.f + std::tanh(k * (a + 0.044715f * a * a * a)));
+    }
+    default: return a / (1.f + std::exp(-a));
+  }
+}
+
+// 16 fp32 lanes (one AVX-512 register, two AVX2 ones) as a GCC vector type: accumulators of
+// this type stay in registers, which plain float arrays did not reliably do.
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t vu16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf16 load16(const c10::BFloat16* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  vu32 u = __builtin_convertvector(h, vu32) << 16;  // bf16 -> fp32 is a 16-bit shift
+  vf16 v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline vf16 load16(const c10::Half* p) {
+  float f[16];
+  for (int l = 0; l < 16; ++l) f[l] = static_cast<float>(p[l]);
+  return load16(f);
+}
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum(vf16 v) {
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
+
+// acc_u[t] += <w_up_row[0:n], x_t[0:n]>, acc_g likewise, for NT tokens at once: each weight
+// element is loaded (and converted) once and used NT times. Two independent chains per dot
+// (32 elements a step) hide the FMA latency.
+template <typename W, int NT, bool GLU>
+inline void dot_rows(const W* __restrict wu, const W* __restrict wg, const float* const* xs,
+                     int64_t n, float* acc_u, float* acc_g) {
+  vf16 au[NT][2], ag[GLU ? NT : 1][2];
+  for (int t = 0; t < NT; ++t) {
+    au[t][0] = au[t][1] = vf16{};
+    ag[GLU ? t : 0][0] = ag[GLU ? t : 0][1] = vf16{};
+  }
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    const vf16 u0 = load16(wu + k), u1 = load16(wu + k + 16);
+    vf16 g0{}, g1{};
+    if (GLU) {
+      g0 = load16(wg + k);
+      g1 = load16(wg + k + 16);
+    }
+    for (int t = 0; t < NT; ++t) {
+      const vf16 x0 = load16(xs[t] + k), x1 = load16(xs[t] + k + 16);
+      au[t][0] += u0 * x0;
+      au[t][1] += u1 * x1;
+      if (GLU) {
+        ag[t][0] += g0 * x0;
+        ag[t][1] += g1 * x1;
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    float su = hsum(au[t][0] + au[t][1]);
+    float sg = GLU ? hsum(ag[t][0] + ag[t][1]) : 0.f;
+    for (int64_t kk = k; kk < n; ++kk) {
+      su += to_f(wu[kk]) * xs[t][kk];
+      if (GLU) sg += to_f(wg[kk]) * xs[t][kk];
+    }
+    acc_u[t] += su;
+    if (GLU) acc_g[t] += sg;
+  }
+}
+
+// y[0:n] += sum_r h[r] * w_r[0:n] over R rows (R <= kRowGroup), 4 rows per pass over y.
+template <typename W>
+inline void axpy_rows(float* __restrict y, const W* const* w, const float* h, int R, int64_t n) {
+  int r = 0;
+  for (; r < R; r += 4) {
+    const int m = std::min(4, R - r);
+    const W* w0 = w[r];
+    const W* w1 = w[r + (m > 1)];  // unused rows alias row r with a zero weight
+    const W* w2 = w[r + (m > 2 ? 2 : 0)];
+    const W* w3 = w[r + (m > 3 ? 3 : 0)];
+    const float h0 = h[r], h1 = m > 1 ? h[r + 1] : 0.f, h2 = m > 2 ? h[r + 2] : 0.f,
+                h3 = m > 3 ? h[r + 3] : 0.f;
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+      vf16 acc = load16(y + c);
+      acc += h0 * load16(w0 + c) + h1 * load16(w1 + c);
+      acc += h2 * load16(w2 + c) + h3 * load16(w3 + c);
+      store16(y + c, acc);
+    }
+    for (; c < n; ++c)
+      y[c] += h0 * to_f(w0[c]) + h1 * to_f(w1[c]) + h2 * to_f(w2[c]) + h3 * to_f(w3[c]);
+  }
+}
+
+template <typename W>
+void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f, int64_t E,
+                     const W* w_up, int64_t s_up, const W* w_gate, int64_t s_gate,
+                     const W* w_down, int64_t s_down, int64_t d_out,
+                     const W* b_up, const W* b_gate, int act, int64_t B, bool hard,
+                     float tau, float* y) {
+  // ---- index building: pairs (token, expert) grouped by expert, tokens ascending -------------
+  std::vector<int64_t> count(E, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < E; ++e) {
+      const float g = gates_f[t * E + e];
+      count[e] += hard ? (g > tau) : (g != 0.f);
+    }
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
+  const int64_t P = start[E];
+  if (P == 0) return;  // every token gets the down bias only (already in y)
+  std::vector<int32_t> tok(P);
+  std::vector<float> scl(P);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 0; e < E; ++e) {
+        const float g = gates_f[t * E + e];
+        if (hard ? (g > tau) : (g != 0.f)) {
+          tok[fill[e]] = static_cast<int32_t>(t);
+          scl[fill[e]] = hard ? 1.f : g;
+          ++fill[e];
+        }
+      }
+  }
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (count[e]) active.push_back(e);
+  const int64_t A = static_cast<int64_t>(active.size());
+  const bool glu = w_gate != nullptr;
+
+  // ---- phase 1: h[p, j] for every pair p and neuron j of its expert ---------------------------
+  std::vector<float> h(P * B);
+  at::parallel_for(0, A, 1, [&](int64_t a0, int64_t a1) {
+    std::vector<float> acc_g(glu ? T * B : 0);
+    for (int64_t a = a0; a < a1; ++a) {
+      const int64_t e = active[a], p0 = start[e], np = count[e];
+      float* hu = h.data() + p0 * B;  // [np, B], holds the up projection until finalized
+      float* hg = glu ? acc_g.data() : nullptr;
+      std::fill(hu, hu + np * B, 0.f);
+      if (glu) std::fill(hg, hg + np * B, 0.f);
+      // One token chunk: stream each row whole (sequential reads); several: tile d so the
+      // expert's tile stays in L2 across chunks.
+      const int64_t dtile = np <= kTokChunk ? d : kDTile;
+      for (int64_t k0 = 0; k0 < d; k0 += dtile) {
+        const int64_t kn = std::min(dtile, d - k0);
+        for (int64_t c = 0; c < np; c += kTokChunk) {
+          const int nt = static_cast<int>(std::min<int64_t>(kTokChunk, np - c));
+          const float* xs[kTokChunk];
+          for (int i = 0; i < nt; ++i) xs[i] = x + tok[p0 + c + i] * d + k0;
+          for (int64_t j = 0; j < B; ++j) {
+            const int64_t row = e * B + j;
+            const W* wu = w_up + row * s_up + k0;
+            const W* wg = glu ? w_gate + row * s_gate + k0 : nullptr;
+            float su[kTokChunk] = {}, sg[kTokChunk] = {};
+#define LTE_DOT(NT)                                                          \
+  if (glu) dot_rows<W, NT, true>(wu, wg, xs, kn, su, sg);                    \
+  else dot_rows<W, NT, false>(wu, wg, xs, kn, su, sg);
+            switch (nt) {
+              case 1: LTE_DOT(1) break;
+              case 2: LTE_DOT(2) break;
+              case 3: LTE_DOT(3) break;
+              default: LTE_DOT(4) break;
+            }
+#undef LTE_DOT
+            for (int i = 0; i < nt; ++i) {
+              hu[(c + i) * B + j] += su[i];
+              if (glu) hg[(c + i) * B + j] += sg[i];
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < np; ++i)
+        for (int64_t j = 0; j < B; ++j) {
+          const int64_t row = e * B + j;
+          float u = hu[i * B + j] + (b_up ? to_f(b_up[row]) : 0.f);
+          float v;
+          if (glu) {
+            const float g = hg[i * B + j] + (b_gate ? to_f(b_gate[row]) : 0.f);
+            v = activation(act, g) * u;
+          } else {
+            v = activation(act, u);
+          }
+          hu[i * B + j] = v * scl[p0 + i];
+        }
+    }
+  });
+
+  // ---- phase 2: y[t, tile] += h[p, :] @ W_down^T[e, tile] ------------------------------------
+  // Column tile: the y tiles of all T tokens should stay in L2 (256 KB); at batch 1 a thread
+  // streams its whole column range of each row. Row segments are >= 256 floats.
+  int64_t ct = (int64_t{1} << 16) / std::max<int64_t>(T, 1);
+  ct = std::max<int64_t>(256, (ct / 64) * 64);
+  const int64_t ntiles = (d_out + ct - 1) / ct;
+  at::parallel_for(0, ntiles, 1, [&](int64_t i0, int64_t i1) {
+    const int64_t c0 = i0 * ct, c1 = std::min(d_out, i1 * ct);
+    // At batch 1 the thread's whole range is one tile; otherwise ct columns at a time.
+    const int64_t step = (T == 1) ? (c1 - c0) : ct;
+    std::vector<float> stage(kRowGroup * step);
+    for (int64_t cs = c0; cs < c1; cs += step) {
+      const int64_t n = std::min(step, c1 - cs);
+      for (int64_t a = 0; a < A; ++a) {
+        const int64_t e = active[a], p0 = start[e], np = count[e];
+        for (int64_t r0 = 0; r0 < B; r0 += kRowGroup) {
+          const int R = static_cast<int>(std::min<int64_t>(kRowGroup, B - r0));
+          const W* wr[kRowGroup];
+          for (int r = 0; r < R; ++r) wr[r] = w_down + (e * B + r0 + r) * s_down + cs;
+          if (np == 1) {
+            axpy_rows<W>(y + tok[p0] * d_out + cs, wr, h.data() + p0 * B + r0, R, n);
+            continue;
+          }
+          // Several tokens share these rows: convert the tile to fp32 once.
+          const float* sr[kRowGroup];
+          for (int r = 0; r < R; ++r) {
+            float* dst = stage.data() + r * step;
+            for (int64_t c = 0; c < n; ++c) dst[c] = to_f(wr[r][c]);
+            sr[r] = dst;
+          }
+          for (int64_t i = 0; i < np; ++i)
+            axpy_rows<float>(y + tok[p0 + i] * d_out + cs, sr, h.data() + (p0 + i) * B + r0, R, n);
+        }
+      }
+    }
+  });
+}
+
+int act_code(const std::string& act) {
+  if (act == "relu") return kRelu;
+  if (act == "gelu") return kGelu;
+  if (act == "gelu_tanh") return kGeluTanh;
+  if (act == "silu") return kSilu;
+  TORCH_CHECK(false, "lte sparse_ffn_cpu: unknown activation ", act);
+}
+
+// Rows must have unit stride along the feature dim; any row stride is fine. Anything else is
+// copied (a full weight copy per call: the caller should store weights in kernel layout).
+torch::Tensor rows_unit_stride(const torch::Tensor& w) {
+  return (w.dim() == 2 && w.stride(1) == 1) ? w : w.contiguous();
+}
+
+}  // namespace
+
+// The launcher: same signature as the op (see kernels/ops.py) minus nothing; returns y [T, d_out].
+torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor w_up,
+                             c10::optional<torch::Tensor> w_gate, torch::Tensor w_down,
+                             c10::optional<torch::Tensor> b_up, c10::optional<torch::Tensor> b_gate,
+                             c10::optional<torch::Tensor> b_down, std::string act,
+                             int64_t expert_size, std::string mode, double tau) {
+  TORCH_CHECK(x.device().is_cpu(), "lte sparse_ffn_cpu: tensors must be on the CPU");
+  const auto dt = w_up.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "lte sparse_ffn_cpu: dtype ", dt, " is not float32/bfloat16/float16");
+  const bool hard = mode == "hard";
+  TORCH_CHECK(hard || mode == "soft", "lte sparse_ffn_cpu: mode must be soft|hard, got ", mode);
+  const int64_t T = x.size(0), d = x.size(1), E = gates.size(1), d_out = w_down.size(1);
+  const int64_t B = expert_size;
+  TORCH_CHECK(w_up.size(0) == E * B && w_down.size(0) == E * B && w_up.size(1) == d,
+              "lte sparse_ffn_cpu: shapes do not match E*B neurons");
+
+  auto xf = x.to(at::kFloat).contiguous();  // [T, d]: tiny next to the weights
+  // The threshold is compared in the gates' dtype, as (gates > tau) does in the reference.
+  float tau_f = static_cast<float>(tau);
+  if (gates.scalar_type() == at::kBFloat16) tau_f = static_cast<float>(c10::BFloat16(tau_f));
+  if (gates.scalar_type() == at::kHalf) tau_f = static_cast<float>(c10::Half(tau_f));
+  auto gf = gates.to(at::kFloat).contiguous();  // [T, E]
+  auto wu = rows_unit_stride(w_up);
+  auto wd = rows_unit_stride(w_down);
+  torch::Tensor wg;
+  if (w_gate) {
+    TORCH_CHECK(w_gate->scalar_type() == dt, "lte sparse_ffn_cpu: w_gate dtype differs from w_up");
+    wg = rows_unit_stride(*w_gate);
+  }
+  TORCH_CHECK(w_down.scalar_type() == dt, "lte sparse_ffn_cpu: w_down dtype differs from w_up");
+  auto bias = [&](const c10::optional<torch::Tensor>& b) {
+    return b ? b->to(dt).contiguous() : torch::Tensor();
+  };
+  auto bu = bias(b_up), bg = bias(b_gate);
+
+  // fp32 accumulator that starts as the down bias (or zeros): a token with no active expert
+  // keeps exactly that.
+  auto yf = b_down ? b_down->to(at::kFloat).reshape({1, d_out}).expand({T, d_out}).contiguous()
+                   : torch::zeros({T, d_out}, x.options().dtype(at::kFloat));
+
+  const int code = act_code(act);
+  auto run = [&](auto tag) {
+    using W = decltype(tag);
+    sparse_ffn_impl<W>(xf.data_ptr<float>(), T, d, gf.data_ptr<float>(), E,
+                       wu.data_ptr<W>(), wu.stride(0),
+                       wg.defined() ? wg.data_ptr<W>() : nullptr, wg.defined() ? wg.stride(0) : 0,
+                       wd.data_ptr<W>(), wd.stride(0), d_out,
+                       bu.defined() ? bu.data_ptr<W>() : nullptr,
+                       bg.defined() ? bg.data_ptr<W>() : nullptr, code, B, hard, tau_f,
+                       yf.data_ptr<float>());
+  };
+  if (dt == at::kFloat) run(float{});
+  else if (dt == at::kBFloat16) run(c10::BFloat16{});
+  else run(c10::Half{});
+  return yf.scalar_type() == x.scalar_type() ? yf : yf.to(x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_ffn_cpu", &sparse_ffn_cpu, "LTE gathered sparse FFN (CPU)");
+}
