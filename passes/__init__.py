@@ -1,0 +1,14 @@
+"""FX passes of lte_compile: trace -> match (FFN discovery) -> rewrite; plus the cost model.
+
+Import as `lte_compile.passes`. `find_ffns(gm)` works on Dynamo, torch.export and symbolic_trace
+graphs; `find_ffns_in_model(model, *inputs)` captures the Dynamo graphs itself.
+"""
+from .cost import FFNCost, ffn_cost
+from .ffn import ACTIVATIONS, FFNMatch, FFNReport, LinearRef, NearMiss
+from .match import find_ffns, find_ffns_in_model
+from .trace import capture_graphs, export_graph
+
+__all__ = [
+    "ACTIVATIONS", "FFNCost", "FFNMatch", "FFNReport", "LinearRef", "NearMiss",
+    "capture_graphs", "export_graph", "ffn_cost", "find_ffns", "find_ffns_in_model",
+]
