@@ -1,0 +1,393 @@
+"""Triton gathered sparse FFN (GPU; runs under TRITON_INTERPRET=1 for tests).
+
+Letters: T tokens, d model dim, d_out output dim, E experts, B expert size (neurons per expert),
+N = E*B neurons, s sparsity, P (token, expert) pairs, BM rows per grouped tile.
+
+Contract: `reference.sparse_ffn_reference` (same signature as `sparse_ffn_triton`).
+Tests: tests/kernels/test_sparse_ffn_triton.py. Benchmark: `python -m lte_compile.kernels.bench`;
+`python -m lte_compile.kernels.sparse_ffn_triton` runs a check and a small timing on CUDA.
+
+Two paths, chosen by token count (`DECODE_MAX_T`):
+
+* decode (T <= DECODE_MAX_T): no index is built at all. `_decode_up_kernel` runs one program per
+  (expert, row block); a program whose expert no token uses skips its whole body, so its weight
+  rows are never read. `_decode_down_kernel` runs one program per d_out tile and loops over the
+  experts; loads of an unused expert's W_down^T rows are predicated off (no memory traffic), so
+  the loop pipelines without a branch. Products are broadcast-multiply + `tl.sum`, not `tl.dot`
+  (which needs >= 16 rows; ScatterMoE's single-token kernel does the same).
+* grouped (larger T, prefill): (token, expert) pairs are sorted by expert and each expert padded
+  to BM rows (vLLM's moe_align_block_size), built with static-shape torch ops on the device (no
+  `nonzero`, no host sync: CUDA graphs work). `_grouped_ffn_kernel` then runs one program per
+  BM-row tile: gathers its tokens' x rows, `tl.dot` against the expert's B rows of W_up/W_gate,
+  activation, GLU and gate scale, then `tl.dot` with the expert's W_down^T rows tile by tile and
+  `tl.atomic_add` into an fp32 y (a token sums over its experts).
+
+All accumulation is fp32; fp32 dots use IEEE precision (no TF32) to match the reference. Block
+sizes are autotuned on CUDA (keyed by shape); in the interpreter fixed big blocks keep the
+program count (~0.4 ms each) low. bf16 `tl.dot` is wrong in the interpreter (triton #11584):
+`UPCAST_DOT` converts dot operands to fp32 there, and only there.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+DECODE_MAX_T = 8
+_ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _activation(a, ACT: tl.constexpr):
+    """a: fp32 -> act(a); ACT: 0 relu, 1 gelu (erf), 2 gelu (tanh), 3 silu."""
+    if ACT == 0:
+        return tl.maximum(a, 0.0)
+    elif ACT == 1:
+        return 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    elif ACT == 2:
+        z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        return 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))  # tanh(z) = 2 sigmoid(2z) - 1
+    else:
+        return a * tl.sigmoid(a)
+
+
+@triton.jit
+def _gate_scale(g, tau, HARD: tl.constexpr):
+    """Per-pair scale from a gate: 0/1 mask g > tau (hard) or the gate itself (soft), fp32."""
+    if HARD:
+        return tl.where(g > tau, 1.0, 0.0)
+    else:
+        return g.to(tl.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: T <= DECODE_MAX_T
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_up_kernel(
+    # pointers
+    x_ptr, g_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
+    # dimensions
+    T, d, tau,
+    # strides
+    stride_xt, stride_xd, stride_gt, stride_ge, stride_wun, stride_wud, stride_wgn, stride_wgd,
+    stride_ht, stride_hn,
+    # meta-parameters
+    EXPERT_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BU: tl.constexpr,
+    HAS_BG: tl.constexpr, HARD: tl.constexpr,
+):
+    """h[t, rows] = act(x W_gate[rows]^T + b_gate) * (x W_up[rows]^T + b_up) * scale[t, e]."""
+    e = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    g = tl.load(g_ptr + offs_t * stride_gt + e * stride_ge, mask=t_mask, other=0.0)
+    scale = tl.where(t_mask, _gate_scale(g, tau, HARD), 0.0)  # [BLOCK_T]
+    n_used = tl.sum((scale != 0.0).to(tl.int32), axis=0)
+    if n_used > 0:  # an unused expert's rows are never read
+        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_mask = offs_b < EXPERT_SIZE
+        rows = e * EXPERT_SIZE + offs_b  # [BLOCK_B]
+        acc_u = tl.zeros((BLOCK_T, BLOCK_B), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_T, BLOCK_B), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < d
+            xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
+                         mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            w_mask = b_mask[:, None] & k_mask[None, :]
+            wu = tl.load(wu_ptr + rows[:, None] * stride_wun + offs_k[None, :] * stride_wud,
+                         mask=w_mask, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_K]
+            acc_u += tl.sum(xk[:, None, :] * wu[None, :, :], axis=2)
+            if GLU:
+                wg = tl.load(wg_ptr + rows[:, None] * stride_wgn + offs_k[None, :] * stride_wgd,
+                             mask=w_mask, other=0.0).to(tl.float32)
+                acc_g += tl.sum(xk[:, None, :] * wg[None, :, :], axis=2)
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+            h = _activation(acc_g, ACT) * acc_u
+        else:
+            h = _activation(acc_u, ACT)
+        h = h * scale[:, None]
+        tl.store(h_ptr + offs_t[:, None] * stride_ht + rows[None, :] * stride_hn, h,
+                 mask=t_mask[:, None] & b_mask[None, :])
+
+
+@triton.jit
+def _decode_down_kernel(
+    # pointers
+    h_ptr, g_ptr, wd_ptr, bd_ptr, y_ptr,
+    # dimensions
+    T, E, d_out, tau,
+    # strides
+    stride_ht, stride_hn, stride_gt, stride_ge, stride_wdn, stride_wdd, stride_yt, stride_yd,
+    # meta-parameters
+    EXPERT_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_BD: tl.constexpr, HARD: tl.constexpr,
+):
+    """y[t, tile] = sum over experts e used by t of h[t, e's rows] @ W_down^T[e's rows, tile] + b_down."""
+    offs_t = tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < d_out
+    offs_b = tl.arange(0, BLOCK_E)  # BLOCK_E = next power of 2 >= EXPERT_SIZE
+    b_mask = offs_b < EXPERT_SIZE
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for e in range(0, E):
+        g = tl.load(g_ptr + offs_t * stride_gt + e * stride_ge, mask=t_mask, other=0.0)
+        used = t_mask & (_gate_scale(g, tau, HARD) != 0.0)  # [BLOCK_T]
+        any_used = tl.max(used.to(tl.int32), axis=0) > 0
+        rows = e * EXPERT_SIZE + offs_b
+        # Predicated off when no token uses e: the weight tile costs no memory traffic.
+        w = tl.load(wd_ptr + rows[:, None] * stride_wdn + offs_d[None, :] * stride_wdd,
+                    mask=(b_mask[:, None] & d_mask[None, :]) & any_used, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + offs_t[:, None] * stride_ht + rows[None, :] * stride_hn,
+                    mask=used[:, None] & b_mask[None, :], other=0.0)  # [BLOCK_T, BLOCK_E]
+        acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)
+    if HAS_BD:
+        acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_d[None, :] * stride_yd,
+             acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & d_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped: tokens sorted by expert, one program per BM-row tile of one expert
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_ffn_kernel(
+    # pointers
+    x_ptr, tok_ptr, scale_ptr, tile_expert_ptr, wu_ptr, wg_ptr, wd_ptr, bu_ptr, bg_ptr, y_ptr,
+    # dimensions
+    E, d, d_out,
+    # strides
+    stride_xt, stride_xd, stride_wun, stride_wud, stride_wgn, stride_wgd, stride_wdn, stride_wdd,
+    stride_yt, stride_yd,
+    # meta-parameters
+    EXPERT_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
+    HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """y[tok[m]] += (act(x[tok] W_gate[e]^T) * (x[tok] W_up[e]^T) * scale) @ W_down^T[e] for a tile."""
+    pid = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + pid)
+    if e < E:  # tiles past the last expert's padding do nothing
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        tok = tl.load(tok_ptr + offs_m)  # [BLOCK_M], -1 = padding
+        valid = tok >= 0
+        tok = tl.where(valid, tok, 0)
+        scale = tl.load(scale_ptr + offs_m, mask=valid, other=0.0)
+        offs_b = tl.arange(0, BLOCK_E)
+        b_mask = offs_b < EXPERT_SIZE
+        rows = e * EXPERT_SIZE + offs_b
+        acc_u = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < d
+            xk = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd,
+                         mask=valid[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            w_mask = b_mask[:, None] & k_mask[None, :]
+            wu = tl.load(wu_ptr + rows[:, None] * stride_wun + offs_k[None, :] * stride_wud,
+                         mask=w_mask, other=0.0)  # [BLOCK_E, BLOCK_K]
+            if UPCAST_DOT:
+                xk = xk.to(tl.float32)
+                wu = wu.to(tl.float32)
+            acc_u += tl.dot(xk, tl.trans(wu), input_precision=DOT_PRECISION)
+            if GLU:
+                wg = tl.load(wg_ptr + rows[:, None] * stride_wgn + offs_k[None, :] * stride_wgd,
+                             mask=w_mask, other=0.0)
+                if UPCAST_DOT:
+                    wg = wg.to(tl.float32)
+                acc_g += tl.dot(xk, tl.trans(wg), input_precision=DOT_PRECISION)
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+            h = _activation(acc_g, ACT) * acc_u
+        else:
+            h = _activation(acc_u, ACT)
+        h = tl.where(b_mask[None, :], h * scale[:, None], 0.0)  # [BLOCK_M, BLOCK_E]
+        if UPCAST_DOT:
+            hd = h
+        else:
+            hd = h.to(wd_ptr.dtype.element_ty)  # tensor-core operand (fp32 stays fp32)
+        for n0 in range(0, d_out, BLOCK_D):
+            offs_d = n0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < d_out
+            wd = tl.load(wd_ptr + rows[:, None] * stride_wdn + offs_d[None, :] * stride_wdd,
+                         mask=b_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_D]
+            if UPCAST_DOT:
+                wd = wd.to(tl.float32)
+            out = tl.dot(hd, wd, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
+            tl.atomic_add(y_ptr + tok[:, None] * stride_yt + offs_d[None, :] * stride_yd, out,
+                          mask=valid[:, None] & d_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# autotune configs (CUDA) and fixed interpreter blocks
+# ---------------------------------------------------------------------------------------------
+def _cuda_decode_up_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
+            for bb in (4, 8, 16) for bk in (128, 256, 512) for w in (2, 4)]
+
+
+def _cuda_decode_down_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd in (32, 64, 128) for w in (2, 4)]
+
+
+def _cuda_grouped_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bk in (64, 128) for bd in (64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str):
+    """The autotuned wrapper of a kernel (built lazily: autotuning is for CUDA only)."""
+    if kernel_name == "up":
+        return triton.autotune(_cuda_decode_up_configs(), key=["T", "d", "EXPERT_SIZE"])(_decode_up_kernel)
+    if kernel_name == "down":
+        return triton.autotune(_cuda_decode_down_configs(), key=["T", "E", "d_out"])(_decode_down_kernel)
+    return triton.autotune(_cuda_grouped_configs(), key=["E", "d", "d_out"],
+                           reset_to_zero=["y_ptr"])(_grouped_ffn_kernel)
+
+
+# The interpreter runs each program in numpy: big blocks mean few programs.
+_INTERP_BLOCKS = {"BLOCK_K": 128, "BLOCK_D": 128, "BLOCK_M": 16}
+
+
+@functools.lru_cache(maxsize=None)
+def _tau_in(dtype: torch.dtype, tau: float) -> float:
+    """tau rounded to the gates' dtype: (gates > tau) compares in that dtype in the reference."""
+    return float(torch.tensor(tau, dtype=dtype)) if dtype.is_floating_point else tau
+
+
+def group_by_expert(scale: Tensor, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort (token, expert) pairs by expert, each expert padded to block_m rows; static shapes.
+
+    scale: [T, E] fp32 (0 = pair unused). Returns tok [M] int32 (-1 = padding), pair_scale [M]
+    fp32, tile_expert [M / block_m] int32 (E = tile past the end), M = (ceil(T*E/block_m) + E)
+    * block_m. Pure device ops (no nonzero/item): no host sync, CUDA-graph safe.
+    """
+    T, E = scale.shape
+    dev = scale.device
+    used = (scale != 0).t()  # [E, T]
+    counts = used.sum(1)  # [E]
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    n_tiles = triton.cdiv(T * E, block_m) + E
+    M = n_tiles * block_m
+    dest = starts[:, None] + used.cumsum(1) - 1  # [E, T] slot of each used pair
+    dest = torch.where(used, dest, M)  # unused pairs go to a trash slot past the end
+    tok = torch.full((M + 1,), -1, dtype=torch.int32, device=dev)
+    tok.scatter_(0, dest.flatten(), torch.arange(T, dtype=torch.int32, device=dev).repeat(E))
+    pair_scale = torch.zeros(M + 1, dtype=torch.float32, device=dev)
+    pair_scale.scatter_(0, dest.flatten(), scale.t().flatten())
+    tok[M] = -1  # the trash slot received unused pairs
+    tile_start = torch.arange(n_tiles, device=dev) * block_m
+    tile_expert = torch.searchsorted(ends, tile_start, right=True).to(torch.int32)  # E past the end
+    return tok[:M], pair_scale[:M], tile_expert
+
+
+def sparse_ffn_triton(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,
+                      w_down: Tensor, b_up: Tensor | None, b_gate: Tensor | None,
+                      b_down: Tensor | None, act: str, expert_size: int, mode: str,
+                      tau: float) -> Tensor:
+    """Launcher. x: [T, d], gates: [T, E], w_up/w_gate: [N, d], w_down: [N, d_out] -> y [T, d_out].
+
+    Any strides work (they are kernel arguments); dtypes fp32/fp16/bf16, accumulation in fp32.
+    """
+    T, d = x.shape
+    E = gates.shape[1]
+    N, d_out = w_down.shape
+    B = expert_size
+    assert N == E * B and w_up.shape == (N, d), "lte sparse_ffn_triton: shapes do not match"
+    interp = _interpreting()
+    glu = w_gate is not None
+    act_code = _ACT_CODES[act]
+    hard = mode == "hard"
+    tau_g = _tau_in(gates.dtype, tau)
+    wg = w_gate if glu else w_up  # placeholder pointer when there is no gate (never loaded)
+    block_e = max(16, triton.next_power_of_2(B))
+    dummy = w_up  # stands in for absent biases (never loaded: HAS_* flags are False)
+
+    if T <= DECODE_MAX_T:
+        block_t = max(2, triton.next_power_of_2(T))
+        h = torch.empty(T, N, dtype=torch.float32, device=x.device)  # only used pairs written
+        y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
+        up_args = (x, gates, w_up, wg, b_up if b_up is not None else dummy,
+                   b_gate if b_gate is not None else dummy, h, T, d, tau_g,
+                   x.stride(0), x.stride(1), gates.stride(0), gates.stride(1),
+                   w_up.stride(0), w_up.stride(1), wg.stride(0), wg.stride(1), h.stride(0), h.stride(1))
+        up_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, ACT=act_code, GLU=glu,
+                       HAS_BU=b_up is not None, HAS_BG=b_gate is not None, HARD=hard)
+        down_args = (h, gates, w_down, b_down if b_down is not None else dummy, y, T, E, d_out,
+                     tau_g, h.stride(0), h.stride(1), gates.stride(0), gates.stride(1),
+                     w_down.stride(0), w_down.stride(1), y.stride(0), y.stride(1))
+        down_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(B),
+                         HAS_BD=b_down is not None, HARD=hard)
+        if interp or not x.is_cuda:
+            bb = triton.next_power_of_2(B)
+            _decode_up_kernel[(E, 1)](*up_args, BLOCK_B=bb, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"], **up_meta)
+            _decode_down_kernel[(triton.cdiv(d_out, _INTERP_BLOCKS["BLOCK_D"]),)](
+                *down_args, BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], **down_meta)
+        else:
+            _tuned("up")[lambda meta: (E, triton.cdiv(B, meta["BLOCK_B"]))](*up_args, **up_meta)
+            _tuned("down")[lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]),)](*down_args, **down_meta)
+        return y
+
+    # grouped path
+    block_m = _INTERP_BLOCKS["BLOCK_M"] if interp else 64
+    from .reference import expert_scale
+    scale = expert_scale(gates, mode, tau, torch.float32)  # [T, E]
+    tok, pair_scale, tile_expert = group_by_expert(scale, block_m)
+    y32 = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
+    args = (x, tok, pair_scale, tile_expert, w_up, wg, w_down,
+            b_up if b_up is not None else dummy, b_gate if b_gate is not None else dummy, y32,
+            E, d, d_out, x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1),
+            wg.stride(0), wg.stride(1), w_down.stride(0), w_down.stride(1), y32.stride(0), y32.stride(1))
+    meta = dict(EXPERT_SIZE=B, BLOCK_M=block_m, BLOCK_E=block_e, ACT=act_code, GLU=glu,
+                HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
+                UPCAST_DOT=interp and x.dtype == torch.bfloat16,
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    grid = (tile_expert.shape[0],)
+    if interp or not x.is_cuda:
+        _grouped_ffn_kernel[grid](*args, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"],
+                                  BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], **meta)
+    else:
+        _tuned("grouped")[grid](*args, **meta)
+    if b_down is not None:
+        y32 += b_down.float()
+    return y32.to(x.dtype)
+
+
+if __name__ == "__main__":  # check against the reference and time against cuBLAS (CUDA only)
+    from .reference import sparse_ffn_reference
+    if not torch.cuda.is_available():
+        raise SystemExit("needs CUDA (tests run this kernel in the interpreter: pytest tests/kernels)")
+    torch.manual_seed(0)
+    d, N, B = 4096, 11008, 32
+    for T in (1, 4, 16, 128):
+        for dt in (torch.float16, torch.bfloat16):
+            x = torch.randn(T, d, device="cuda", dtype=dt)
+            ws = [torch.randn(N, d, device="cuda", dtype=dt) / d ** 0.5 for _ in range(3)]
+            g = torch.rand(T, N // B, device="cuda")
+            y = sparse_ffn_triton(x, g, ws[0], ws[1], ws[2], None, None, None, "silu", B, "hard", 0.5)
+            r = sparse_ffn_reference(x.float(), g, *(w.float() for w in ws[:2]), ws[2].float(),
+                                     None, None, None, "silu", B, "hard", 0.5)
+            ms = triton.testing.do_bench(lambda: sparse_ffn_triton(
+                x, g, ws[0], ws[1], ws[2], None, None, None, "silu", B, "hard", 0.5))
+            print(f"T={T} {dt}: max err {(y.float() - r).abs().max().item():.3e}, {ms:.3f} ms")
