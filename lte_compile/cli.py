@@ -61,15 +61,16 @@ def inspect_model(model: nn.Module, example_inputs: Any = None, *, sparsity: flo
         report = find_ffns_in_model(model, *args, **kwargs)
     head = (f"{'FFN':<34} {'form':<14} {'act':<9} {'glu':<4} {'d':>6} {'d_ff':>7} {'experts':>8} "
             f"{'FLOPs dense':>11} {f'FLOPs s={sparsity}':>11} {'bytes dense':>11} {f'bytes s={sparsity}':>11}")
-    lines = [f"{len(report.matches)} FFN(s) found (T={tokens} tokens, {bytes_per_param}-byte weights)", head,
+    lines = [f"{len(report.matches)} FFN(s) found (T={tokens} tokens, {bytes_per_param}-byte weights; "
+             "sparse columns include the router)", head,
              "-" * len(head)]
     for m in report.matches:
-        cost = ffn_cost(m.d_model, m.d_ff, m.d_out, m.glu, bytes_per_param=bytes_per_param)
-        dense, sparse = cost.evaluate(T=tokens, s=0.0), cost.evaluate(T=tokens, s=sparsity)
+        c = ffn_cost(m.d_model, m.d_ff, m.d_out, m.glu, bytes_per_param=bytes_per_param,
+                     expert_size=expert_size).evaluate(T=tokens, s=sparsity)
         experts = f"{m.d_ff // expert_size}x{expert_size}" if m.d_ff % expert_size == 0 else "n/a"
         lines.append(f"{m.module or '<root>':<34} {m.form:<14} {m.activation:<9} {'yes' if m.glu else 'no':<4} "
-                     f"{m.d_model:>6} {m.d_ff:>7} {experts:>8} {_fmt(dense['flops']):>11} "
-                     f"{_fmt(sparse['flops']):>11} {_fmt(dense['bytes']):>11} {_fmt(sparse['bytes']):>11}")
+                     f"{m.d_model:>6} {m.d_ff:>7} {experts:>8} {_fmt(c['flops_dense']):>11} "
+                     f"{_fmt(c['flops_sparse']):>11} {_fmt(c['bytes_dense']):>11} {_fmt(c['bytes_sparse']):>11}")
     if report.near_misses:
         lines.append(f"\n{len(report.near_misses)} near miss(es):")
         lines += [f"  {n}" for n in report.near_misses]

@@ -261,12 +261,20 @@ def attach_router(model: nn.Module, spec: FFNSpec, config: Config, *, permutatio
     _init_router(router, config)
     if permutation is not None:
         router.permutation.copy_(permutation)
-    owner = _owner(model, spec.name)
-    owner.add_module(ROUTER_ATTR, router)
+    router_home(model, spec).add_module(ROUTER_ATTR, router)
     handles = [model.get_submodule(spec.up_module).register_forward_hook(RouteHook(router)),
                model.get_submodule(spec.down_module).register_forward_pre_hook(GateHook(router))]
     router._lte_hook_handles = handles
     return router
+
+
+def router_home(model: nn.Module, spec: FFNSpec) -> nn.Module:
+    """Where the router lives: the FFN's owner module, unless that is a container whose forward
+    iterates its children (nn.Sequential would call the router as a layer): then the up projection."""
+    owner = _owner(model, spec.name)
+    if isinstance(owner, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return model.get_submodule(spec.up_module)
+    return owner
 
 
 @torch.no_grad()

@@ -14,8 +14,9 @@ def test_inspect_model_directory(tmp_path, capsys):
     assert len(rows) == 2
     cells = rows[0].split()
     assert cells[:7] == ["model.layers.0.mlp", cells[1], "silu", "yes", "64", "128", "4x32"]
-    # 3 projections of 64x128 fp32 weights = 98304 bytes dense; s=0.75 at T=1 reads a quarter.
-    assert cells[9] == "98.30K" and cells[10] == "24.58K"
+    # 3 projections of 64x128 fp32 weights = 98304 bytes dense; s=0.75 at T=1 reads a quarter of
+    # them plus the 64x4 router: 4 * (6144 + 256) = 25600 bytes.
+    assert cells[9] == "98.30K" and cells[10] == "25.60K"
 
 
 def test_inspect_config_json_and_callable(tmp_path, capsys):
