@@ -1,0 +1,98 @@
+"""CPU kernels (kernels/cpu.py): the C++ gathered kernel and the pure-torch fallback vs the naive loop."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+from lte_compile.kernels import cpu
+from tests.kernels.naive import TAU, assert_matches_naive
+from tests.strategies import sparse_ffn_cases
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+needs_ext = pytest.mark.skipif(not cpu.extension_available(), reason="no C++ compiler: CPU kernel not built")
+
+
+@needs_ext
+@settings(max_examples=400)
+@given(case=sparse_ffn_cases(dtypes=DTYPES))
+def test_cpp_kernel_matches_naive(case):
+    assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, "C++ kernel")
+
+
+@needs_ext
+@settings(max_examples=100)
+@given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.bfloat16), min_T=16, max_T=80, max_E=5,
+                             expert_sizes=(8, 32)))
+def test_cpp_kernel_matches_naive_many_tokens(case):
+    """Token chunks of 4, d tiles and several column tiles of the down phase all in play."""
+    assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, "C++ kernel, many tokens")
+
+
+@settings(max_examples=500)
+@given(case=sparse_ffn_cases(dtypes=DTYPES))
+def test_torch_fallback_matches_naive(case):
+    assert_matches_naive(cpu.sparse_ffn_torch(*case.args()), case, "pure-torch fallback")
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", [cpu.sparse_ffn_cpu, cpu.sparse_ffn_torch])
+def test_strided_weights(kernel):
+    """w_down = linear.weight.t() (non-unit last stride) and row-strided w_up views are correct."""
+    g = torch.Generator().manual_seed(0)
+    T, d, d_out, E, B = 3, 40, 24, 4, 8
+    x = torch.randn(T, d, generator=g)
+    w_up = torch.randn(2 * E * B, d, generator=g)[::2]  # row stride 2d
+    w_gate = torch.randn(E * B, d + 5, generator=g)[:, :d]  # row stride d + 5
+    w_down = torch.randn(d_out, E * B, generator=g).t()  # [N, d_out], strides (1, N)
+    gates = torch.rand(T, E, generator=g)
+    y = kernel(x, gates, w_up, w_gate, w_down, None, None, None, "silu", B, "hard", TAU)
+    ref = cpu.sparse_ffn_torch(x, gates, w_up.contiguous(), w_gate.contiguous(),
+                               w_down.contiguous(), None, None, None, "silu", B, "hard", TAU)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)  # same math, fp32 summation order
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_active_equals_dense(dtype):
+    """Hard mode with every expert on is the dense FFN (megablocks glu_test)."""
+    g = torch.Generator().manual_seed(1)
+    T, d, N, B = 5, 64, 96, 32
+    x, wu, wg, wd = (torch.randn(*s, generator=g).to(dtype) / 8 for s in ((T, d), (N, d), (N, d), (N, d)))
+    bd = torch.randn(d, generator=g).to(dtype)
+    y = cpu.sparse_ffn_cpu(x, torch.ones(T, N // B), wu, wg, wd, None, None, bd, "silu", B, "hard", TAU)
+    dense = (F.silu(x.float() @ wg.float().t()) * (x.float() @ wu.float().t())) @ wd.float() + bd.float()
+    # bf16: dense in fp32 from the same bf16 inputs; only the final rounding differs.
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.float(), dense, atol=tol, rtol=tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", [cpu.sparse_ffn_cpu, cpu.sparse_ffn_torch])
+def test_token_without_experts_gets_down_bias(kernel):
+    g = torch.Generator().manual_seed(2)
+    T, d, E, B = 4, 16, 3, 8
+    gates = torch.rand(T, E, generator=g) * 0.4 + 0.55
+    gates[2] = 0.1  # token 2 uses no expert
+    bd = torch.randn(d, generator=g)
+    args = [torch.randn(T, d, generator=g), gates] + [torch.randn(E * B, d, generator=g) for _ in range(3)]
+    y = kernel(*args, None, None, bd, "gelu", B, "hard", TAU)
+    assert torch.equal(y[2], bd), "a token with no active expert must get exactly b_down"
+
+
+def test_no_compiler_falls_back_with_warning(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        assert cpu.load_extension.__wrapped__() is None
+
+
+@needs_ext
+def test_extension_is_cached():
+    """The build happens once per machine: a second load in this process is the same module."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu.load_extension() is cpu.load_extension()
