@@ -16,7 +16,6 @@ import io
 import logging
 import tarfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,7 +35,7 @@ covers the kinds of play the training side has. Fixed, so every run reports the 
 
 def asset_path(name: str) -> Path:
     """Path of a file in `lte_compile/assets/`."""
-    return Path(str(resources.files("lte_compile") / "assets" / name))
+    return Path(__file__).resolve().parent / "assets" / name
 
 
 def load_works(path: str | Path | None = None) -> dict[str, str]:
