@@ -278,9 +278,12 @@ def _unknown_activation(h: fx.Node, down: Projection, ctx: _Context) -> NearMiss
     if not ops or not 1 <= len(sources) <= 2:
         return None
     names = ", ".join(sorted(set(ops)))
-    module = _owner([down.ref.weight_path] + [ctx.projections[s].ref.weight_path for s in sources])
-    return NearMiss(down.node, f"unknown activation: `{down.x.name}` is computed from the projection(s) by "
-                    f"[{names}], which is not one of {'|'.join(ACTIVATIONS)} (or a GLU product of one)", module)
+    projs = [ctx.projections[s] for s in sorted(sources, key=ctx.order.__getitem__)]
+    module = _owner([down.ref.weight_path] + [p.ref.weight_path for p in projs])
+    reads = " and ".join(f"`{p.ref.weight_path or p.node.name}`" for p in projs)
+    return NearMiss(down.node, f"unknown activation: the down projection `{down.ref.weight_path or down.node.name}` "
+                    f"reads [{names}] of {reads}, which is not one of {'|'.join(ACTIVATIONS)} "
+                    f"(alone or in a GLU product); the FFN stays dense", module)
 
 
 # ---------------------------------------------------------------------------------------------

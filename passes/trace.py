@@ -7,10 +7,13 @@ it runs the model once through `torch.compile` with a recording backend. HF mode
 from __future__ import annotations
 
 import logging
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +36,31 @@ def capture_graphs(model: nn.Module, *args: Any, **kwargs: Any) -> list[tuple[fx
     their Dynamo source and `example_inputs[i]` is the real tensor (Parameter) of placeholder i.
     Graph breaks give several graphs. The user's model is not changed; the Dynamo cache entries
     this run created are dropped afterwards so a later `torch.compile(model, backend="lte")`
-    starts clean (code objects that also hold other backends' entries are left alone).
+    starts clean. (After a graph break Dynamo also compiles frames of the model's own code; those
+    entries are dropped when no other backend shares the code object, else left to their guards.)
     """
     model = getattr(model, "_orig_mod", model)  # an OptimizedModule: trace what it wraps
     recorder = _Recorder()
-    compiled = torch.compile(model, backend=recorder, fullgraph=False, dynamic=False)
+    entry = _fresh_entry()
     try:
         with torch.no_grad():
-            compiled(*args, **kwargs)
+            torch.compile(entry, backend=recorder, fullgraph=False, dynamic=False)(model, args, kwargs)
     finally:
+        reset_code(entry.__code__)
         _drop_cache_entries(recorder)
     logger.debug("capture_graphs: %d graph(s) from %s", len(recorder.graphs), type(model).__name__)
     return recorder.graphs
+
+
+def _call(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    return model(*args, **kwargs)
+
+
+def _fresh_entry() -> Callable:
+    """`_call` with a code object of its own: Dynamo keys its cache on code objects, and
+    `nn.Module.__call__`'s (what `torch.compile(model)` enters) is shared by every compiled module.
+    A private code object keeps this capture's cache entries apart and easy to drop."""
+    return types.FunctionType(_call.__code__.replace(), _call.__globals__, "_lte_capture")
 
 
 def _drop_cache_entries(recorder: _Recorder) -> None:
@@ -53,7 +69,6 @@ def _drop_cache_entries(recorder: _Recorder) -> None:
     `torch._dynamo.reset()` would also throw away the user's other compiled models; entries are
     per code object, so only codes compiled by us alone can be reset without side effects.
     """
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
     from torch._dynamo import convert_frame
 
     for ref in [*convert_frame.input_codes.seen, *convert_frame.output_codes.seen]:
