@@ -340,8 +340,10 @@ torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor
 
   // fp32 accumulator that starts as the down bias (or zeros): a token with no active expert
   // keeps exactly that.
-  auto yf = b_down ? b_down->to(at::kFloat).reshape({1, d_out}).expand({T, d_out}).contiguous()
-                   : torch::zeros({T, d_out}, x.options().dtype(at::kFloat));
+  // (A fresh tensor: the op's output must never alias an input such as b_down.)
+  auto yf = torch::empty({T, d_out}, x.options().dtype(at::kFloat));
+  if (b_down) yf.copy_(b_down->reshape({1, d_out}).expand({T, d_out}));
+  else yf.zero_();
 
   const int code = act_code(act);
   auto run = [&](auto tag) {

@@ -1,0 +1,110 @@
+"""The `lte::` ops (kernels/ops.py): opcheck, autograd vs the naive loop, dispatch, torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from lte_compile.kernels import dispatch, ops
+from tests.kernels.naive import TAU, dumb_forward
+from tests.strategies import sparse_ffn_cases
+
+GRAD_NAMES = ("x", "gates", "w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+TENSOR_SLOTS = (0, 1, 2, 3, 4, 5, 6, 7)
+
+
+def _grads(fn, args, want):
+    """torch.autograd.grad of fn(*args) w.r.t. args[i] for i in want, with seeded grad_outputs."""
+    args = list(args)
+    leaves = []
+    for i in want:
+        args[i] = args[i].detach().requires_grad_(True)
+        leaves.append(args[i])
+    y = fn(*args)
+    g = torch.Generator().manual_seed(123)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    if not y.requires_grad:  # the naive loop with no active expert and no b_down: y is constant
+        return y, [None] * len(leaves)
+    return y, torch.autograd.grad(y, leaves, dy, allow_unused=True)
+
+
+def _check_grads(case, dtype, atol, rtol, what):
+    args = list(case.args(dtype))
+    args[1] = case.gates.to(dtype)  # grads w.r.t. gates in the same dtype
+    want = [i for i in TENSOR_SLOTS if args[i] is not None and (i != 1 or case.mode == "soft")]
+    y, grads = _grads(ops.sparse_ffn, args, want)
+    args64 = list(case.args64())
+    args64[1] = args[1].double()
+    y_ref, grads_ref = _grads(dumb_forward, args64, want)
+    torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol, msg=lambda m: f"{what} y: {m}")
+    for i, g, r in zip(want, grads, grads_ref):
+        name = GRAD_NAMES[i]
+        if r is None:
+            r = torch.zeros_like(args64[i])
+        if g is None:
+            g = torch.zeros_like(args[i])
+        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{what}: d{name} ({case.mode}, {case.mask_kind}, "
+                                   f"T={case.T}, B={case.expert_size}, act={case.act}): {m}")
+
+
+@settings(max_examples=150)
+@given(case=sparse_ffn_cases(dtypes=(torch.float64,), max_T=8, max_d=24, max_E=4, expert_sizes=(1, 3, 8)))
+def test_autograd_float64_matches_naive(case):
+    """Soft and hard mode, every gradient; float64 so only the backward formula is under test."""
+    _check_grads(case, torch.float64, 1e-9, 1e-7, "float64")  # float64 round-off only
+
+
+@settings(max_examples=100)
+@given(case=sparse_ffn_cases(dtypes=(torch.float32,), max_T=12, max_d=24, max_E=4, modes=("hard",)))
+def test_autograd_fp32_hard_uses_fast_forward(case):
+    """fp32 hard mode: forward through the C++ kernel (or fallback), backward through ops.py."""
+    assert dispatch.choose_kernel(case.x.float(), case.w_up.float(), "hard") == "cpu"
+    _check_grads(case, torch.float32, 1e-4, 1e-4, "fp32 hard")  # fp32 accumulation over <= 256 terms
+
+
+def _sample(mode, glu=True, bias=True, dtype=torch.float32, T=3):
+    g = torch.Generator().manual_seed(7)
+    d, E, B = 12, 3, 4
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return (r(T, d), torch.rand(T, E, generator=g).to(dtype), r(E * B, d), r(E * B, d) if glu else None,
+            r(E * B, d), r(E * B) if bias else None, r(E * B) if bias and glu else None,
+            r(d) if bias else None, "silu", B, mode, TAU)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("glu,bias", [(True, True), (False, False)])
+def test_opcheck_sparse_ffn(mode, glu, bias):
+    args = _sample(mode, glu, bias)
+    args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    torch.library.opcheck(ops.sparse_ffn, args)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_opcheck_apply_gates(mode):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    gates = torch.rand(2, 3, 2, generator=g, requires_grad=True)
+    torch.library.opcheck(ops.apply_gates, (h, gates, 4, mode, TAU))
+
+
+def test_dispatch_choices():
+    x32, x64 = torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.float64)
+    assert dispatch.choose_kernel(x32, x32, "hard") == "cpu"
+    assert dispatch.choose_kernel(x32, x32, "soft") == "reference"
+    assert dispatch.choose_kernel(x64, x64, "hard") == "reference"
+    with dispatch.set_kernel("torch"):
+        assert dispatch.choose_kernel(x32, x32, "hard") == "torch"
+    assert dispatch.choose_kernel(x32.bfloat16(), x32.bfloat16(), "hard") == "cpu"
+
+
+def test_op_under_torch_compile():
+    """The custom_op + fake keep working under torch.compile (fullgraph, aot_eager: no C++ codegen)."""
+    args = _sample("hard", T=5)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(x, gates, *rest):
+        return torch.ops.lte.sparse_ffn(x * 2, gates, *rest) + 1
+
+    torch.testing.assert_close(f(*args), torch.ops.lte.sparse_ffn(args[0] * 2, *args[1:]) + 1)
