@@ -98,6 +98,14 @@ class RouteHook:
             self.router.last_gates = self.router(args[0])
 
 
+@torch.compiler.assume_constant_result
+def _threshold(router: LTERouter) -> float:
+    """tau as a graph constant: under dynamic=True Dynamo would otherwise turn this float
+    attribute into a graph input, and the fused op needs the threshold as a literal. tau is fixed
+    by Config at prepare time, so not guarding it is safe."""
+    return router.tau
+
+
 class GateHook:
     """Forward pre-hook on the down projection: scale its input h ([..., E*B]) per expert."""
 
@@ -108,5 +116,5 @@ class GateHook:
         r = self.router
         if r.mode == "dense":
             return None
-        h = torch.ops.lte.apply_gates(args[0], r.last_gates, r.expert_size, r.mode, r.tau)
+        h = torch.ops.lte.apply_gates(args[0], r.last_gates, r.expert_size, r.mode, _threshold(r))
         return (h, *args[1:])
