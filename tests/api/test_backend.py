@@ -115,3 +115,21 @@ def test_unknown_lte_option_is_rejected():
         BackendOptions.split({"lte.bogus": 1})
     ours, inductor = BackendOptions.split({"lte.inner": "eager", "max_autotune": False})
     assert ours.inner == "eager" and inductor == {"max_autotune": False}
+
+
+def test_generate_with_compiled_forward_gives_eager_tokens(prepared_llama):
+    """generate() calls the compiled forward for prefill and decode shapes: same greedy tokens."""
+    lte.set_mode(prepared_llama, "hard")
+    prompt = ids(1, 4)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ref = prepared_llama.generate(prompt, **kw)
+    torch._dynamo.reset()
+    lte_backend_mod.history.clear()
+    eager_forward = prepared_llama.forward
+    prepared_llama.forward = torch.compile(eager_forward, backend="lte", options={"lte.inner": "aot_eager"})
+    try:
+        out = prepared_llama.generate(prompt, **kw)
+    finally:
+        prepared_llama.forward = eager_forward
+    assert torch.equal(out, ref)
+    assert lte_backend_mod.history and all(len(r.rewritten) == 2 for r in lte_backend_mod.history)
