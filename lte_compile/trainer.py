@@ -34,7 +34,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class LTETrainerCallback(TrainerCallback):
-    """Switches stages at `stage1_steps`, runs the controller, adds sparsity to the Trainer logs."""
+    """Switches stages at `stage1_steps` and runs the target-sparsity controller."""
 
     def __init__(self, config: TrainConfig, trainer: "LTETrainer"):
         self.config, self.trainer = config, trainer
@@ -88,15 +88,6 @@ class LTETrainerCallback(TrainerCallback):
             r.requires_grad_(False)
         self.trainer.lte_stage = "stage2"
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.trainer.last_stats is not None:
-            s = self.trainer.last_stats
-            logs["lte_sparsity"] = round(s.overall(), 4)
-            logs.update({f"lte_sparsity/{k}": round(v, 4) for k, v in s.sparsity().items()})
-            logs.update({k: round(v, 4) for k, v in self.trainer.last_terms.items()})
-            if self.controller is not None:
-                logs["lte_bias_shift"] = round(self.controller.shift, 4)
-
 
 class LTETrainer(Trainer):
     """A `transformers.Trainer` that trains an LTE-prepared model through both stages."""
@@ -132,6 +123,17 @@ class LTETrainer(Trainer):
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = cls(groups, **kwargs)
         return self.optimizer
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add LTE sparsity (overall and per layer), loss terms and bias shift to training logs."""
+        if self.last_stats is not None and "loss" in logs:
+            s = self.last_stats
+            logs["lte_sparsity"] = round(s.overall(), 4)
+            logs.update({f"lte_sparsity/{k}": round(v, 4) for k, v in s.sparsity().items()})
+            logs.update({k: round(v, 4) for k, v in self.last_terms.items()})
+            if self.lte_callback.controller is not None:
+                logs["lte_bias_shift"] = round(self.lte_callback.controller.shift, 4)
+        super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
