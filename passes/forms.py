@@ -21,7 +21,7 @@ from typing import Any
 from torch import fx
 
 from .ffn import LinearRef
-from .fx_utils import ParamInfo, arg, as_int, is_shape_only, op_name, submodule, tensor_shape
+from .fx_utils import ParamInfo, arg, as_int, is_scalar, op_name, scalar_value, submodule, tensor_shape
 
 # Ops that leave every row (token) of their input unchanged in eval, so an FFN may contain them.
 # Casts are assumed to be to the compute dtype; dropout is the identity in eval and is kept
@@ -66,7 +66,7 @@ def is_row_view(node: fx.Node) -> bool:
         sizes = sizes[0]
     last = sizes[-1] if sizes else None
     return op_name(node) == "view" and (isinstance(last, int) and last != -1
-                                        or isinstance(last, fx.Node) and is_shape_only(last))
+                                        or isinstance(last, fx.Node) and is_scalar(last))
 
 
 def _same_dim(a: Any, b: Any) -> bool:
@@ -438,7 +438,8 @@ def _match(pattern: Any, value: Any, binding: dict, nodes: list) -> bool:
             return False
         return binding.setdefault(X, value) is value
     if isinstance(pattern, float):
-        return isinstance(value, (int, float)) and math.isclose(value, pattern, rel_tol=1e-6)
+        number = scalar_value(value)
+        return number is not None and math.isclose(number, pattern, rel_tol=1e-6)
     op, *operands = pattern
     if not isinstance(value, fx.Node) or op_name(value) != op or len(value.args) != len(operands):
         return False

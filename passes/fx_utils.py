@@ -8,7 +8,6 @@ by the graph signature, `get_attr` nodes); `graph_params` turns all of them into
 """
 from __future__ import annotations
 
-import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -208,18 +207,32 @@ def _placeholder_param(node: fx.Node, example: Any, lifted: dict[str, str],
 # Graph structure
 
 _SHAPE_OPS = frozenset({"size", "dim", "numel", "shape"})
-_SHAPE_ARITH = frozenset({"getitem", "add", "sub", "mul", "floordiv"})
+_SCALAR_ARITH = frozenset({"getitem", "add", "sub", "mul", "floordiv"})
+_SCALAR_TYPES = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool, tuple, list, torch.Size)
 
 
-def is_shape_only(node: fx.Node) -> bool:
-    """True if `node` computes sizes (ints, tuples), not tensors, e.g. `x.size()[:-1] + (n,)`."""
+def is_scalar(node: fx.Node) -> bool:
+    """True if `node` computes sizes or numbers, not tensors: `x.size()[:-1] + (n,)`, or, under
+    `dynamic=True`, a float Dynamo lifted to an input (`math.pi` -> `item()` -> a SymFloat)."""
     value = meta_value(node)
     if value is not None:
-        return isinstance(value, (int, torch.SymInt, tuple, list, torch.Size))
+        return isinstance(value, _SCALAR_TYPES)
     op = op_name(node)
     if op in _SHAPE_OPS:
         return True
-    return op in _SHAPE_ARITH and bool(node.all_input_nodes) and all(map(is_shape_only, node.all_input_nodes))
+    return op in _SCALAR_ARITH and bool(node.all_input_nodes) and all(map(is_scalar, node.all_input_nodes))
+
+
+def scalar_value(value: Any) -> float | None:
+    """A number given as a literal or as a node computing a symbolic number with a known hint
+    (GPT-2's `math.sqrt(2 / math.pi)` is a SymFloat node under `dynamic=True`)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, fx.Node):
+        value = meta_value(value)
+        if isinstance(value, (torch.SymInt, torch.SymFloat)) and value.node.has_hint():
+            return value.node.hint
+    return None
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -228,7 +241,3 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     g.add_nodes_from(graph.nodes)
     g.add_edges_from((inp, node) for node in graph.nodes for inp in node.all_input_nodes)
     return g
-
-
-def is_getitem(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem

@@ -36,7 +36,7 @@ from torch import fx, nn
 from .ffn import ACTIVATIONS, FFNMatch, FFNReport, LinearRef, NearMiss
 from .forms import (Activation, Projection, find_projections, is_passthrough, is_row_view,
                     match_activation, match_slice, strip_back)
-from .fx_utils import ParamInfo, arg, graph_params, is_shape_only, op_name, to_networkx
+from .fx_utils import ParamInfo, arg, graph_params, is_scalar, op_name, to_networkx
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class _Context:
     def is_constant(self, node: fx.Node) -> bool:
         """True if `node` depends on no data input: parameters, sizes, literals (memoised)."""
         if node not in self._constant:
-            if node in self.params or node.op == "get_attr" or is_shape_only(node):
+            if node in self.params or node.op == "get_attr" or is_scalar(node):
                 self._constant[node] = True
             elif node.op == "placeholder":
                 self._constant[node] = False

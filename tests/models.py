@@ -36,6 +36,7 @@ HF_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(_DECODER)),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(_DECODER, ffn_dim=FFN, word_embed_proj_dim=HIDDEN, **_IDS)),
     "bert": ("BertConfig", "BertModel", dict(_DECODER)),
+    "roberta": ("RobertaConfig", "RobertaModel", dict(_DECODER)),
     "t5": ("T5Config", "T5ForConditionalGeneration",
            dict(vocab_size=VOCAB, d_model=HIDDEN, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS, d_kv=16,
                 decoder_start_token_id=0, pad_token_id=0)),
@@ -61,7 +62,7 @@ def hf_inputs(name: str, batch: int = 1, seq: int = SEQ, seed: int = 0) -> dict[
     inputs: dict[str, Any] = {"input_ids": ids}
     if name.startswith("t5"):
         inputs["decoder_input_ids"] = ids
-    if name != "bert":
+    if name not in ("bert", "roberta"):
         inputs["use_cache"] = False
     return inputs
 
@@ -76,15 +77,18 @@ def sequential_mlp(d: int = 16, d_ff: int = 64) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d)).eval()
 
 
+def _weight(rows: int, cols: int, fan_in: int | None = None) -> nn.Parameter:
+    """A random [rows, cols] weight scaled by 1/sqrt(fan_in) (default: cols, the [out, in] layout)."""
+    return nn.Parameter(torch.randn(rows, cols) / (fan_in or cols) ** 0.5)
+
+
 class FunctionalGLU(nn.Module):
     """SwiGLU written with `F.linear` on parameters the module owns (no nn.Linear)."""
 
     def __init__(self, d: int = 16, d_ff: int = 64):
         super().__init__()
         torch.manual_seed(0)
-        self.w_gate = nn.Parameter(torch.randn(d_ff, d) / d**0.5)
-        self.w_up = nn.Parameter(torch.randn(d_ff, d) / d**0.5)
-        self.w_down = nn.Parameter(torch.randn(d, d_ff) / d_ff**0.5)
+        self.w_gate, self.w_up, self.w_down = _weight(d_ff, d), _weight(d_ff, d), _weight(d, d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.w_up) * F.silu(F.linear(x, self.w_gate)), self.w_down)
@@ -96,9 +100,8 @@ class MatmulFFN(nn.Module):
     def __init__(self, d: int = 16, d_ff: int = 64):
         super().__init__()
         torch.manual_seed(0)
-        self.w_in = nn.Parameter(torch.randn(d_ff, d) / d**0.5)
+        self.w_in, self.w_out = _weight(d_ff, d), _weight(d_ff, d, fan_in=d_ff)
         self.b_in = nn.Parameter(torch.randn(d_ff) * 0.1)
-        self.w_out = nn.Parameter(torch.randn(d_ff, d) / d_ff**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x @ self.w_in.T + self.b_in, approximate="tanh") @ self.w_out
@@ -110,8 +113,7 @@ class EinsumFFN(nn.Module):
     def __init__(self, d: int = 16, d_ff: int = 64):
         super().__init__()
         torch.manual_seed(0)
-        self.w_in = nn.Parameter(torch.randn(d_ff, d) / d**0.5)
-        self.w_out = nn.Parameter(torch.randn(d, d_ff) / d_ff**0.5)
+        self.w_in, self.w_out = _weight(d_ff, d), _weight(d, d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("btf,df->btd", torch.relu(torch.einsum("btd,fd->btf", x, self.w_in)), self.w_out)

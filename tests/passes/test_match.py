@@ -54,6 +54,8 @@ ARCHS: dict[str, Expected] = {
     "opt": Expected(_layers("model.decoder.layers.{}"), "relu", False, models.FFN, "linear", "fc1", None, "fc2"),
     "bert": Expected(_layers("encoder.layer.{}"), "gelu", False, models.FFN, "linear",
                      "intermediate.dense", None, "output.dense"),
+    "roberta": Expected(_layers("encoder.layer.{}"), "gelu", False, models.FFN, "linear",
+                        "intermediate.dense", None, "output.dense"),
     "t5": Expected(**_T5, activation="relu", glu=False, up="wi", gate=None),
     "t5_gated": Expected(**_T5, activation="gelu_tanh", glu=True, up="wi_1", gate="wi_0"),
 }
@@ -165,6 +167,18 @@ def test_decomposed_export_graph(arch):
     assert_expected(report, exp, model, check_form=False)
     assert {m.form for m in report} <= {"addmm", "matmul", "conv1d", "fused_gate_up"}
     assert_matches_compute_ffn(ep.graph_module, ep._graph_module_flat_inputs((), inputs), report)
+
+
+def test_dynamic_shapes_gpt2():
+    """Regression: under dynamic=True Dynamo lifts `math.pi` to an input, so gelu_new's
+    sqrt(2/pi) is a SymFloat node, not a literal; the decomposed-gelu pattern missed it."""
+    model, graphs = _hf("gpt2"), []
+    compiled = torch.compile(model, backend=lambda gm, ex: graphs.append((gm, ex)) or gm.forward, dynamic=True)
+    with torch.no_grad():
+        compiled(**models.hf_inputs("gpt2"))
+    report = find_ffns(*graphs[0])
+    assert_expected(report, ARCHS["gpt2"], model)
+    assert any(isinstance(e, torch.SymInt) for e in graphs[0][1])  # the graph really is dynamic
 
 
 def test_phi3_fused_gate_up_rows():
