@@ -114,7 +114,7 @@ def _resolve_weight(node: Any, params: dict[fx.Node, ParamInfo]) -> _Weight | No
 
 
 def _is_2d_transpose(node: fx.Node) -> bool:
-    op, rest = op_name(node), [a for a in node.args[1:]]
+    op, rest = op_name(node), list(node.args[1:])
     if op == "permute":
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
         return list(dims) == [1, 0]
@@ -296,14 +296,23 @@ def _last_dim(node: fx.Node, dim: Any) -> bool:
     return shape is not None and isinstance(dim, int) and dim == len(shape) - 1
 
 
-def _chunk_rows(n: int, i: int) -> Callable[[int], tuple[int, int] | None]:
-    return lambda out: (i * out // n, (i + 1) * out // n) if out % n == 0 and 0 <= i < n else None
+def _chunk_rows(n: Any, i: int) -> Callable[[int], tuple[int, int] | None]:
+    def rows(out: int) -> tuple[int, int] | None:
+        if not isinstance(n, int) or n <= 0 or out % n or not 0 <= i < n:
+            return None
+        return (i * out // n, (i + 1) * out // n)
+    return rows
 
 
 def _split_rows(sizes: Any, i: int) -> Callable[[int], tuple[int, int] | None]:
     def rows(out: int) -> tuple[int, int] | None:
-        widths = [sizes] * math.ceil(out / sizes) if isinstance(sizes, int) else list(sizes)
-        if not all(isinstance(w, int) for w in widths) or not 0 <= i < len(widths):
+        if isinstance(sizes, int) and sizes > 0:
+            widths = [sizes] * math.ceil(out / sizes)
+        elif isinstance(sizes, (list, tuple)) and all(isinstance(w, int) for w in sizes):
+            widths = list(sizes)
+        else:
+            return None
+        if not 0 <= i < len(widths):
             return None
         start = sum(widths[:i])
         return (start, min(start + widths[i], out))
@@ -319,17 +328,18 @@ def _range_rows(start: Any, stop: Any) -> Callable[[int], tuple[int, int] | None
     return rows
 
 
+# op -> (rows function, name of its size argument)
+_SPLITS: dict[str, tuple[Callable, str]] = {"chunk": (_chunk_rows, "chunks"), "split": (_split_rows, "split_size_or_sections")}
+
+
 def _getitem_of_split(node: fx.Node) -> Slice | None:
     """`chunk(p, n, -1)[i]` / `split(p, size_or_sizes, -1)[i]`."""
     parent, i = node.args
-    if not isinstance(parent, fx.Node) or not isinstance(i, int):
+    split = _SPLITS.get(op_name(parent)) if isinstance(parent, fx.Node) and isinstance(i, int) else None
+    if split is None or not _last_dim(parent.args[0], arg(parent, 2, "dim", 0)):
         return None
-    op = op_name(parent)
-    if op == "chunk" and _last_dim(parent.args[0], arg(parent, 2, "dim", 0)):
-        return Slice(parent.args[0], _chunk_rows(parent.args[1], i), [parent, node])
-    if op == "split" and _last_dim(parent.args[0], arg(parent, 2, "dim", 0)):
-        return Slice(parent.args[0], _split_rows(arg(parent, 1, "split_size_or_sections"), i), [parent, node])
-    return None
+    rows_of, size_name = split
+    return Slice(parent.args[0], rows_of(arg(parent, 1, size_name), i), [parent, node])
 
 
 def _getitem_of_tensor(node: fx.Node) -> Slice | None:

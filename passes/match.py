@@ -155,8 +155,9 @@ def find_ffns(gm: fx.GraphModule | torch.export.ExportedProgram, example_inputs:
 def find_ffns_in_model(model: nn.Module, *args: Any, **kwargs: Any) -> FFNReport:
     """Run `model(*args, **kwargs)` once under Dynamo and find the FFNs of every graph.
 
-    Weight paths are the user's (`model.get_parameter(m.up.weight_path)` works); an FFN that
-    appears in several graphs (recompiles, graph breaks) is reported once.
+    Weight paths are the user's (`model.get_parameter(m.up.weight_path)` works). An FFN is
+    reported once per set of weights, even if it runs in several graphs (recompiles, graph
+    breaks) or several times in one (weights shared across layers, ALBERT).
     """
     from .trace import capture_graphs
 
@@ -168,7 +169,10 @@ def find_ffns_in_model(model: nn.Module, *args: Any, **kwargs: Any) -> FFNReport
             if key not in seen:
                 seen.add(key)
                 report.matches.append(match)
-        report.near_misses.extend(found.near_misses)
+        for miss in found.near_misses:
+            if (miss.module, miss.reason) not in seen:
+                seen.add((miss.module, miss.reason))
+                report.near_misses.append(miss)
     return report
 
 
@@ -351,7 +355,8 @@ def _owner(paths: list[str | None]) -> str:
 
 
 def _form_of(up: _Branch, gate: _Branch | None) -> str:
-    return "fused_gate_up" if gate is not None and gate.proj is up.proj else up.proj.form
+    fused = gate is not None and gate.proj is up.proj and up.rows is not None
+    return "fused_gate_up" if fused else up.proj.form
 
 
 def _build_match(module: str, x: fx.Node, out: fx.Node, hidden: _Hidden, down: Projection,

@@ -134,6 +134,35 @@ class MLP(nn.Module):
         return self.down(self.dropout(self.act(self.up(x))))
 
 
+class SigmoidSiLU(nn.Module):
+    """SiLU written out as `x * sigmoid(x)`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class FusedGLU(nn.Module):
+    """Phi-3-style fused `gate_up` projection (with bias) split into gate and up in one of
+    several spellings; the first half is the gate."""
+
+    SPLITS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {
+        "chunk": lambda h, n: h.chunk(2, dim=-1),
+        "split": lambda h, n: torch.split(h, [n, n], dim=-1),
+        "slice": lambda h, n: (h[..., :n], h[..., n:]),
+        "narrow": lambda h, n: (h.narrow(-1, 0, n), h.narrow(-1, n, n)),
+    }
+
+    def __init__(self, split: str = "chunk", d: int = 16, d_ff: int = 64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.split, self.d_ff = self.SPLITS[split], d_ff
+        self.gate_up, self.down = nn.Linear(d, 2 * d_ff), nn.Linear(d_ff, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.split(self.gate_up(x), self.d_ff)
+        return self.down(up * F.silu(gate))
+
+
 class LeakyMLP(MLP):
     """Near miss: the hidden activation is also returned, so the FFN cannot become one op."""
 

@@ -260,6 +260,55 @@ def test_handwritten(name, kind):
     assert_matches_compute_ffn(gm, args, report)
 
 
+def _hf_activation(name: str, **kwargs) -> nn.Module:
+    import transformers.activations
+
+    return getattr(transformers.activations, name)(**kwargs)
+
+
+# activation module -> the name find_ffns must report (decomposed forms included)
+ACTIVATIONS = {
+    "nn.ReLU": (nn.ReLU, "relu"),
+    "nn.GELU": (nn.GELU, "gelu"),
+    "nn.GELU(tanh)": (functools.partial(nn.GELU, approximate="tanh"), "gelu_tanh"),
+    "nn.SiLU": (nn.SiLU, "silu"),
+    "x*sigmoid(x)": (models.SigmoidSiLU, "silu"),
+    "NewGELU": (functools.partial(_hf_activation, "NewGELUActivation"), "gelu_tanh"),
+    "FastGELU": (functools.partial(_hf_activation, "FastGELUActivation"), "gelu_tanh"),
+    "AccurateGELU": (functools.partial(_hf_activation, "AccurateGELUActivation"), "gelu_tanh"),
+    "GELU(python)": (functools.partial(_hf_activation, "GELUActivation", use_gelu_python=True), "gelu"),
+}
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activation_forms(act):
+    make, expected = ACTIVATIONS[act]
+    module, x = models.MLP(act=make()).eval(), models.tokens()
+    (gm, example_inputs), = capture_graphs(module, x)
+    report = find_ffns(gm, example_inputs)
+    assert [m.activation for m in report] == [expected] and report.near_misses == []
+    assert_matches_compute_ffn(gm, example_inputs, report)
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "export"])
+@pytest.mark.parametrize("split", models.FusedGLU.SPLITS)
+def test_fused_gate_up_spellings(split, kind):
+    graph, args = _graph_of(kind, models.FusedGLU(split), models.tokens())
+    report = find_ffns(graph, None if kind == "export" else args)
+    (m,) = report
+    assert m.form == "fused_gate_up" and m.glu and m.d_ff == 64
+    assert m.gate.rows == (0, 64) and m.up.rows == (64, 128) and m.up.bias_path == "gate_up.bias"
+    assert_matches_compute_ffn(graph.graph_module if kind == "export" else graph, args, report)
+
+
+@pytest.mark.parametrize("act, op", [("QuickGELUActivation", "sigmoid"), ("ReLUSquaredActivation", "square")])
+def test_unsupported_hf_activations_are_near_misses(act, op):
+    report = find_ffns_in_model(models.MLP(act=_hf_activation(act)).eval(), models.tokens())
+    assert len(report) == 0
+    (miss,) = report.near_misses
+    assert miss.reason.startswith("unknown activation") and op in miss.reason
+
+
 def test_symbolic_trace_linear_leaves_name_their_module():
     """A call_module nn.Linear holds its own weight: weight_node is the call node itself."""
     gm = fx.symbolic_trace(models.MLP())
