@@ -205,11 +205,15 @@ def test_find_ffns_in_model_paths_resolve_on_the_model():
         assert m.gate.weight is model.get_parameter(m.gate.weight_path)
 
 
-def test_find_ffns_leaves_graph_unchanged():
+def test_find_ffns_leaves_graph_unchanged_and_needs_no_example_inputs():
+    """Without example inputs, paths come from the Dynamo sources and shapes from example_value."""
     gm, example_inputs = capture_graphs(_hf("gpt2"), **models.hf_inputs("gpt2"))[0]
     before = str(gm.graph)
-    assert len(find_ffns(gm, example_inputs)) == models.LAYERS
+    with_inputs, without = find_ffns(gm, example_inputs), find_ffns(gm)
     assert str(gm.graph) == before
+    assert [m.weight_paths() for m in without] == [m.weight_paths() for m in with_inputs]
+    assert [m.d_ff for m in without] == [4 * models.HIDDEN] * models.LAYERS
+    assert all(m.up.weight is None for m in without)
 
 
 # ---------------------------------------------------------------------------------------------
