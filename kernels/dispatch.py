@@ -4,7 +4,10 @@ The op in `ops.py` calls `sparse_ffn_forward`; kernels plug in here, never in op
 
     device  mode  dtype             kernel
     cuda    hard  fp32/fp16/bf16    Triton (sparse_ffn_triton: decode path T <= 8, grouped above)
-    cpu     hard  fp32/fp16/bf16    C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a compiler)
+    cpu     hard  fp32/fp16/bf16    C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a compiler),
+                                    except compute-bound batches (T >= 32) whose density of used
+                                    (token, expert) pairs is above CPU_DENSE_ABOVE: the reference
+                                    (dense MKL/oneDNN, then masked) is faster there
     any     soft  any               reference: every expert is computed (gates scale, never skip),
                                     and dense BLAS/cuBLAS is the fastest way to compute them all
     any     any   float64, other    reference
@@ -21,6 +24,11 @@ from torch import Tensor
 from .reference import sparse_ffn_reference
 
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Measured (kernels/bench.py, 2-core AMD EPYC, small and 7B shapes, T = 128 and 512): per used
+# pair the C++ kernel costs about 2x a dense fp32 MKL GEMM and 5-10x a bf16 oneDNN GEMM (which
+# uses AVX512-BF16 dot products), so it wins at batch only below these pair densities.
+CPU_BATCH_T = 32
+CPU_DENSE_ABOVE = {torch.float32: 0.5, torch.bfloat16: 0.15, torch.float16: 0.15}
 _forced: str | None = None
 
 
@@ -37,8 +45,9 @@ def set_kernel(name: str | None):
         _forced = old
 
 
-def choose_kernel(x: Tensor, w_up: Tensor, mode: str) -> str:
-    """Name of the kernel `sparse_ffn_forward` runs for these inputs."""
+def choose_kernel(x: Tensor, w_up: Tensor, mode: str, gates: Tensor | None = None,
+                  tau: float = 0.5) -> str:
+    """Name of the kernel `sparse_ffn_forward` runs for these inputs (gates: for the CPU batch rule)."""
     if _forced is not None:
         return _forced
     if mode != "hard" or x.dtype not in _FAST_DTYPES or w_up.dtype != x.dtype:
@@ -46,6 +55,10 @@ def choose_kernel(x: Tensor, w_up: Tensor, mode: str) -> str:
     if x.is_cuda:
         return "triton"
     if x.device.type == "cpu":
+        if gates is not None and x.shape[0] >= CPU_BATCH_T:
+            density = (gates > tau).float().mean().item()  # CPU: no device sync to worry about
+            if density > CPU_DENSE_ABOVE[x.dtype]:
+                return "reference"
         return "cpu"
     return "reference"
 
@@ -56,7 +69,7 @@ def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | 
                        tau: float) -> Tensor:
     """Forward of the sparse FFN op on real tensors (same contract as the reference)."""
     args = (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)
-    kernel = choose_kernel(x, w_up, mode)
+    kernel = choose_kernel(x, w_up, mode, gates, tau)
     if kernel == "cpu":
         from .cpu import sparse_ffn_cpu
         return sparse_ffn_cpu(*args)

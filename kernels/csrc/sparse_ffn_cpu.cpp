@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -154,6 +155,22 @@ inline void axpy_rows(float* __restrict y, const W* const* w, const float* h, in
   }
 }
 
+// dot_rows for nt (1..kTokChunk) tokens, GLU or not, picked at run time.
+template <typename W>
+inline void dot_chunk(const W* wu, const W* wg, const float* const* xs, int64_t n, int nt, bool glu,
+                      float* su, float* sg) {
+#define LTE_DOT(NT)                                          \
+  if (glu) dot_rows<W, NT, true>(wu, wg, xs, n, su, sg);     \
+  else dot_rows<W, NT, false>(wu, wg, xs, n, su, sg);
+  switch (nt) {
+    case 1: LTE_DOT(1) break;
+    case 2: LTE_DOT(2) break;
+    case 3: LTE_DOT(3) break;
+    default: LTE_DOT(4) break;
+  }
+#undef LTE_DOT
+}
+
 template <typename W>
 void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f, int64_t E,
                      const W* w_up, int64_t s_up, const W* w_gate, int64_t s_gate,
@@ -195,6 +212,7 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
   std::vector<float> h(P * B);
   at::parallel_for(0, A, 1, [&](int64_t a0, int64_t a1) {
     std::vector<float> acc_g(glu ? T * B : 0);
+    std::vector<float> stage;  // fp32 copy of a reduced-precision weight tile, see below
     for (int64_t a = a0; a < a1; ++a) {
       const int64_t e = active[a], p0 = start[e], np = count[e];
       float* hu = h.data() + p0 * B;  // [np, B], holds the up projection until finalized
@@ -204,27 +222,39 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
       // One token chunk: stream each row whole (sequential reads); several: tile d so the
       // expert's tile stays in L2 across chunks.
       const int64_t dtile = np <= kTokChunk ? d : kDTile;
+      // bf16/fp16 tiles reused by several chunks are converted to fp32 once, not per chunk.
+      const bool staged = !std::is_same<W, float>::value && np > kTokChunk;
+      if (staged) stage.resize((glu ? 2 : 1) * B * dtile);
       for (int64_t k0 = 0; k0 < d; k0 += dtile) {
         const int64_t kn = std::min(dtile, d - k0);
+        if (staged) {
+          for (int64_t j = 0; j < B; ++j) {
+            const W* src = w_up + (e * B + j) * s_up + k0;
+            float* dst = stage.data() + j * dtile;
+            for (int64_t k = 0; k < kn; ++k) dst[k] = to_f(src[k]);
+            if (glu) {
+              const W* sg = w_gate + (e * B + j) * s_gate + k0;
+              float* dg = stage.data() + (B + j) * dtile;
+              for (int64_t k = 0; k < kn; ++k) dg[k] = to_f(sg[k]);
+            }
+          }
+        }
         for (int64_t c = 0; c < np; c += kTokChunk) {
           const int nt = static_cast<int>(std::min<int64_t>(kTokChunk, np - c));
           const float* xs[kTokChunk];
           for (int i = 0; i < nt; ++i) xs[i] = x + tok[p0 + c + i] * d + k0;
           for (int64_t j = 0; j < B; ++j) {
-            const int64_t row = e * B + j;
-            const W* wu = w_up + row * s_up + k0;
-            const W* wg = glu ? w_gate + row * s_gate + k0 : nullptr;
             float su[kTokChunk] = {}, sg[kTokChunk] = {};
-#define LTE_DOT(NT)                                                          \
-  if (glu) dot_rows<W, NT, true>(wu, wg, xs, kn, su, sg);                    \
-  else dot_rows<W, NT, false>(wu, wg, xs, kn, su, sg);
-            switch (nt) {
-              case 1: LTE_DOT(1) break;
-              case 2: LTE_DOT(2) break;
-              case 3: LTE_DOT(3) break;
-              default: LTE_DOT(4) break;
+            if (staged) {
+              const float* wu = stage.data() + j * dtile;
+              const float* wg = glu ? stage.data() + (B + j) * dtile : nullptr;
+              dot_chunk<float>(wu, wg, xs, kn, nt, glu, su, sg);
+            } else {
+              const int64_t row = e * B + j;
+              const W* wu = w_up + row * s_up + k0;
+              const W* wg = glu ? w_gate + row * s_gate + k0 : nullptr;
+              dot_chunk<W>(wu, wg, xs, kn, nt, glu, su, sg);
             }
-#undef LTE_DOT
             for (int i = 0; i < nt; ++i) {
               hu[(c + i) * B + j] += su[i];
               if (glu) hg[(c + i) * B + j] += sg[i];

@@ -97,6 +97,9 @@ def test_dispatch_choices():
     with dispatch.set_kernel("torch"):
         assert dispatch.choose_kernel(x32, x32, "hard") == "torch"
     assert dispatch.choose_kernel(x32.bfloat16(), x32.bfloat16(), "hard") == "cpu"
+    xb = torch.zeros(64, 2)
+    assert dispatch.choose_kernel(xb, xb, "hard", torch.ones(64, 3), 0.5) == "reference"  # dense batch
+    assert dispatch.choose_kernel(xb, xb, "hard", torch.zeros(64, 3), 0.5) == "cpu"
 
 
 def test_op_under_torch_compile():

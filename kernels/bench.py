@@ -1,0 +1,230 @@
+"""Benchmark: dense FFN vs the LTE sparse FFN op, side by side, with the ideal 1/(1-s) speedup.
+
+    python -m lte_compile.kernels.bench [--quick] [--out benchmarks/RESULTS.md]
+    lte bench ...                      (the CLI calls `main(argv)`)
+
+Letters: T tokens, d model dim, d_ff = N = E*B neurons, E experts, B expert size, s sparsity.
+
+For each FFN shape (Llama-2-7B SwiGLU 4096/11008 and a small 1024/2816 one), dtype and T, every
+repetition times, interleaved and each on the next of `--layers` weight sets (so no cache holds
+them): the dense FFN (`silu(x Wg^T) * (x Wu^T) @ Wd^T`, torch/MKL on CPU, cuBLAS on GPU), the
+`lte::sparse_ffn` op in hard mode at each s, the router (linear + sigmoid) and the op with no
+active expert (the index building + launch overhead). Each token uses exactly round((1-s) E)
+random experts. Reported: medians (20/80 % quantiles in the markdown), speedup = dense / sparse,
+and fraction of ideal = speedup / (1/(1-s)). At T > 1 a block is read if any token uses it, so
+the memory-bound ideal is lower than 1/(1-s) (FACTS.md); the FLOP ideal stays 1/(1-s).
+
+Allocation: glibc returns > 32 MB buffers to the OS and page-faults them back on every call
+(FACTS.md); `mallopt` raises the mmap/trim thresholds for this process, as
+MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"llama2-7b": (4096, 11008), "small": (1024, 2816)}
+SPARSITIES = (0.0, 0.5, 0.75, 0.9)
+TOKENS = (1, 4, 16, 128, 2048)
+B = 32
+TAU = 0.5
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "benchmarks", "RESULTS.md")
+
+
+def _raise_malloc_thresholds() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2 << 30)  # M_TRIM_THRESHOLD
+    except OSError:  # not glibc: the numbers for > 32 MB outputs include page faults
+        pass
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _gates(T: int, E: int, s: float, gen: torch.Generator, dev) -> torch.Tensor:
+    """[T, E] gates with exactly round((1-s) E) experts above tau per token, random positions."""
+    k = round((1 - s) * E)
+    ranks = torch.rand(T, E, generator=gen).argsort(1).argsort(1)
+    return torch.where(ranks < k, 0.9, 0.1).to(dev)
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    T: int
+    dense_ms: float
+    router_ms: float
+    index_ms: float
+    sparse: dict  # s -> (median ms, q20, q80)
+    kernels: dict | None = None  # s -> kernel dispatch chose
+
+    def speedup(self, s: float) -> float:
+        return self.dense_ms / self.sparse[s][0]
+
+
+def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, reps: int,
+               dev: torch.device, weights) -> Row:
+    d, N = SHAPES[shape]
+    E = N // B
+    gen = torch.Generator().manual_seed(T)
+    x = torch.randn(T, d, generator=gen).to(dev, dtype)
+    w_r = (torch.randn(E, d, generator=gen) / d ** 0.5).to(dev, dtype)  # router
+    gates = {s: _gates(T, E, s, gen, dev) for s in sparsities}
+    off = torch.zeros(T, E, device=dev)
+
+    def dense(l):
+        wu, wg, wd = weights[l]
+        return (F.silu(x @ wg.t()) * (x @ wu.t())) @ wd  # wd = W_down^T [N, d]
+
+    def sparse(l, g):
+        wu, wg, wd = weights[l]
+        return torch.ops.lte.sparse_ffn(x, g, wu, wg, wd, None, None, None, "silu", B, "hard", TAU)
+
+    variants = {"dense": dense, "router": lambda l: torch.sigmoid(F.linear(x, w_r)),
+                "index": lambda l: sparse(l, off)}
+    for s in sparsities:
+        variants[s] = (lambda g: lambda l: sparse(l, g))(gates[s])
+    times = {k: [] for k in variants}
+    warm = 1 if T >= 2048 else 5
+    for r in range(warm + reps):
+        for k, fn in variants.items():
+            l = (r + hash(str(k))) % layers
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn(l)
+            _sync(dev)
+            if r >= warm:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+
+    def q(v):
+        v = sorted(v)
+        return (statistics.median(v), v[int(0.2 * (len(v) - 1))], v[int(0.8 * (len(v) - 1))])
+
+    return Row(shape, str(dtype).replace("torch.", ""), T, q(times["dense"])[0], q(times["router"])[0],
+               q(times["index"])[0], {s: q(times[s]) for s in sparsities})
+
+
+def _reps(T: int, quick: bool) -> int:
+    if T >= 2048:
+        return 3
+    if T >= 128:
+        return 5 if quick else 8
+    return 15 if quick else 40
+
+
+def run(args) -> list[Row]:
+    import lte_compile.kernels  # noqa: F401  registers torch.ops.lte
+    from lte_compile.kernels import dispatch
+
+    dev = torch.device(args.device)
+    rows = []
+    for shape in args.shapes:
+        d, N = SHAPES[shape]
+        for dt_name in args.dtypes:
+            dtype = getattr(torch, dt_name)
+            gen = torch.Generator().manual_seed(0)
+            weights = [tuple((torch.randn(N, d, generator=gen) / d ** 0.5).to(dev, dtype) for _ in range(3))
+                       for _ in range(args.layers)]
+            for T in args.tokens:
+                kernels = {s: dispatch.choose_kernel(torch.empty(T, 0, device=dev, dtype=dtype), weights[0][0],
+                                                     "hard", _gates(T, N // B, s, torch.Generator(), dev), TAU)
+                           for s in args.sparsity}
+                row = bench_case(shape, dtype, T, args.sparsity, args.layers, _reps(T, args.quick), dev, weights)
+                row.kernels = kernels
+                rows.append(row)
+                print(f"{shape:9s} {row.dtype:8s} T={T:<5d} dense {row.dense_ms:8.3f} ms  "
+                      + "  ".join(f"s={s}: {row.sparse[s][0]:8.3f} ms x{row.speedup(s):.2f}"
+                                  f" ({row.speedup(s) * (1 - s):.2f} of ideal, {kernels[s]})" for s in args.sparsity)
+                      + f"  router {100 * row.router_ms / row.dense_ms:.1f}%"
+                      + f" index {100 * row.index_ms / row.dense_ms:.1f}%", flush=True)
+            del weights
+    return rows
+
+
+def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
+    import triton  # noqa: F401  (version only)
+    sp = args.sparsity
+    out = ["# Sparse FFN benchmark", "",
+           f"- device: {device_name(dev)}",
+           f"- torch {torch.__version__}, triton {getattr(sys.modules.get('triton'), '__version__', '-')}, "
+           f"Python {platform.python_version()}",
+           f"- command: `{' '.join(['python -m lte_compile.kernels.bench'] + argv)}`",
+           f"- weights rotated over {args.layers} layers per shape; variants interleaved; medians "
+           f"[20%, 80%] in ms; expert size B={B}; hard mode; each token uses exactly (1-s)E experts.",
+           "- speedup = dense / sparse; `of ideal` = speedup x (1 - s) (1.00 = the 1/(1-s) ideal). "
+           "a kernel name after the ratios = dispatch chose it instead of the C++/Triton kernel (`reference` = dense, then masked). router = linear+sigmoid; index = the op with no active expert (index building + launch),"
+           " both as % of dense.", ""]
+    head = "| shape | dtype | T | dense ms | " + " | ".join(f"s={s}: ms (speedup, of ideal)" for s in sp) \
+        + " | router % | index % |"
+    out += [head, "|" + "---|" * (6 + len(sp))]
+    for r in rows:
+        cells = [f"{r.sparse[s][0]:.3f} [{r.sparse[s][1]:.3f}, {r.sparse[s][2]:.3f}] "
+                 f"(x{r.speedup(s):.2f}, {r.speedup(s) * (1 - s):.2f}{'' if r.kernels[s] == 'cpu' else ', ' + r.kernels[s]})"
+                 for s in sp]
+        out.append(f"| {r.shape} | {r.dtype} | {r.T} | {r.dense_ms:.3f} | " + " | ".join(cells)
+                   + f" | {100 * r.router_ms / r.dense_ms:.1f} | {100 * r.index_ms / r.dense_ms:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry (also `lte bench`). Returns a process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="lte bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shape, T in {1, 16, 128}, fewer reps")
+    p.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--tokens", nargs="+", type=int, default=None)
+    p.add_argument("--sparsity", nargs="+", type=float, default=list(SPARSITIES))
+    p.add_argument("--layers", type=int, default=None, help="weight sets rotated (default 3 for 7B, 6 small)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=DEFAULT_OUT, help="markdown file to write ('' to skip)")
+    args = p.parse_args(argv)
+    args.shapes = args.shapes or (["small"] if args.quick else list(SHAPES))
+    args.tokens = args.tokens or ([1, 16, 128] if args.quick else list(TOKENS))
+    _raise_malloc_thresholds()
+    rows = []
+    for shape in args.shapes:
+        a = argparse.Namespace(**vars(args))
+        a.shapes = [shape]
+        a.layers = args.layers or (3 if shape == "llama2-7b" else 6)
+        rows += run(a)
+    if args.out:
+        md = markdown(rows, args, torch.device(args.device), argv)
+        with open(args.out, "w") as f:
+            f.write(md)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
