@@ -60,6 +60,20 @@ def _activation(a, ACT: tl.constexpr):
 
 
 @triton.jit
+def _hidden(acc_u, acc_g, bu_ptr, bg_ptr, rows, b_mask, ACT: tl.constexpr, GLU: tl.constexpr,
+            HAS_BU: tl.constexpr, HAS_BG: tl.constexpr):
+    """[rows of tokens, neurons] pre-activations -> act(gate + b_gate) * (up + b_up), or act(up + b_up)."""
+    if HAS_BU:
+        acc_u += tl.load(bu_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    if GLU:
+        if HAS_BG:
+            acc_g += tl.load(bg_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+        return _activation(acc_g, ACT) * acc_u
+    else:
+        return _activation(acc_u, ACT)
+
+
+@triton.jit
 def _gate_scale(g, tau, HARD: tl.constexpr):
     """Per-pair scale from a gate: 0/1 mask g > tau (hard) or the gate itself (soft), fp32."""
     if HARD:
@@ -111,14 +125,7 @@ def _decode_up_kernel(
                 wg = tl.load(wg_ptr + rows[:, None] * stride_wgn + offs_k[None, :] * stride_wgd,
                              mask=w_mask, other=0.0).to(tl.float32)
                 acc_g += tl.sum(xk[:, None, :] * wg[None, :, :], axis=2)
-        if HAS_BU:
-            acc_u += tl.load(bu_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        if GLU:
-            if HAS_BG:
-                acc_g += tl.load(bg_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-            h = _activation(acc_g, ACT) * acc_u
-        else:
-            h = _activation(acc_u, ACT)
+        h = _hidden(acc_u, acc_g, bu_ptr, bg_ptr, rows, b_mask, ACT, GLU, HAS_BU, HAS_BG)
         h = h * scale[:, None]
         tl.store(h_ptr + offs_t[:, None] * stride_ht + rows[None, :] * stride_hn, h,
                  mask=t_mask[:, None] & b_mask[None, :])
@@ -211,14 +218,7 @@ def _grouped_ffn_kernel(
                 if UPCAST_DOT:
                     wg = wg.to(tl.float32)
                 acc_g += tl.dot(xk, tl.trans(wg), input_precision=DOT_PRECISION)
-        if HAS_BU:
-            acc_u += tl.load(bu_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-        if GLU:
-            if HAS_BG:
-                acc_g += tl.load(bg_ptr + rows, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-            h = _activation(acc_g, ACT) * acc_u
-        else:
-            h = _activation(acc_u, ACT)
+        h = _hidden(acc_u, acc_g, bu_ptr, bg_ptr, rows, b_mask, ACT, GLU, HAS_BU, HAS_BG)
         h = tl.where(b_mask[None, :], h * scale[:, None], 0.0)  # [BLOCK_M, BLOCK_E]
         if UPCAST_DOT:
             hd = h
