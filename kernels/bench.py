@@ -179,7 +179,7 @@ def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
            f"- torch {torch.__version__}, triton {getattr(sys.modules.get('triton'), '__version__', '-')}, "
            f"Python {platform.python_version()}",
            f"- command: `{' '.join(['python -m lte_compile.kernels.bench'] + argv)}`",
-           f"- weights rotated over {args.layers} layers per shape; variants interleaved; medians "
+           f"- weights rotated over {args.layers or '3 (7B) / 6 (small)'} layers per shape; variants interleaved; medians "
            f"[20%, 80%] in ms; expert size B={B}; hard mode; each token uses exactly (1-s)E experts.",
            "- speedup = dense / sparse; `of ideal` = speedup x (1 - s) (1.00 = the 1/(1-s) ideal). "
            "a kernel name after the ratios = dispatch chose it instead of the C++/Triton kernel (`reference` = dense, then masked). router = linear+sigmoid; index = the op with no active expert (index building + launch),"
