@@ -4,6 +4,7 @@ Letters: T tokens, d model dim, d_out output dim, E experts, B expert size, N = 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,15 @@ from hypothesis import strategies as st
 ACTS = ("relu", "gelu", "gelu_tanh", "silu")
 MASK_KINDS = ("empty", "full", "random", "ragged")
 TAU = 0.5
+
+# Explicit @settings(max_examples=...) override a hypothesis profile, so tests scale their CI
+# count through `examples()`: LTE_HYPOTHESIS_PROFILE=long runs 10x, dev 1/20.
+_PROFILE_SCALE = {"ci": 1.0, "dev": 0.05, "long": 10.0}
+
+
+def examples(ci_count: int) -> int:
+    """max_examples for a property test: its CI count scaled by the active profile."""
+    return max(1, int(ci_count * _PROFILE_SCALE.get(os.environ.get("LTE_HYPOTHESIS_PROFILE", "ci"), 1.0)))
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Balanced k-means: equal-size experts, a valid permutation, and it actually clusters."""
 import torch
+from tests.strategies import examples
 from hypothesis import given, settings, strategies as st
 
 from lte_compile.cluster import balanced_assign, balanced_kmeans, expert_permutation
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(e=st.integers(1, 12), b=st.integers(1, 9), d=st.integers(1, 8), seed=st.integers(0, 2**16))
 def test_every_expert_gets_exactly_b_neurons(e, b, d, seed):
     rows = torch.randn(e * b, d, generator=torch.Generator().manual_seed(seed))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 from lte_compile.kernels import cpu
 from tests.kernels.naive import TAU, assert_matches_naive
-from tests.strategies import sparse_ffn_cases
+from tests.strategies import examples, sparse_ffn_cases
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -18,14 +18,14 @@ needs_ext = pytest.mark.skipif(not cpu.extension_available(), reason="no C++ com
 
 
 @needs_ext
-@settings(max_examples=400)
+@settings(max_examples=examples(400))
 @given(case=sparse_ffn_cases(dtypes=DTYPES))
 def test_cpp_kernel_matches_naive(case):
     assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, "C++ kernel")
 
 
 @needs_ext
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.bfloat16), min_T=16, max_T=80, max_E=5,
                              expert_sizes=(8, 32)))
 def test_cpp_kernel_matches_naive_many_tokens(case):
@@ -33,7 +33,7 @@ def test_cpp_kernel_matches_naive_many_tokens(case):
     assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, "C++ kernel, many tokens")
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(case=sparse_ffn_cases(dtypes=DTYPES))
 def test_torch_fallback_matches_naive(case):
     assert_matches_naive(cpu.sparse_ffn_torch(*case.args()), case, "pure-torch fallback")

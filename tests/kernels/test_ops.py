@@ -7,7 +7,7 @@ from hypothesis import given, settings
 
 from lte_compile.kernels import dispatch, ops
 from tests.kernels.naive import TAU, dumb_forward
-from tests.strategies import sparse_ffn_cases
+from tests.strategies import examples, sparse_ffn_cases
 
 GRAD_NAMES = ("x", "gates", "w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
 TENSOR_SLOTS = (0, 1, 2, 3, 4, 5, 6, 7)
@@ -48,14 +48,14 @@ def _check_grads(case, dtype, atol, rtol, what):
                                    f"T={case.T}, B={case.expert_size}, act={case.act}): {m}")
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(case=sparse_ffn_cases(dtypes=(torch.float64,), max_T=8, max_d=24, max_E=4, expert_sizes=(1, 3, 8)))
 def test_autograd_float64_matches_naive(case):
     """Soft and hard mode, every gradient; float64 so only the backward formula is under test."""
     _check_grads(case, torch.float64, 1e-9, 1e-7, "float64")  # float64 round-off only
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(case=sparse_ffn_cases(dtypes=(torch.float32,), max_T=12, max_d=24, max_E=4, modes=("hard",)))
 def test_autograd_fp32_hard_uses_fast_forward(case):
     """fp32 hard mode: forward through the C++ kernel (or fallback), backward through ops.py."""

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 
 from lte_compile.kernels import sparse_ffn_triton as tri
 from tests.kernels.naive import TAU, assert_matches_naive
-from tests.strategies import sparse_ffn_cases
+from tests.strategies import examples, sparse_ffn_cases
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                  reason="needs CUDA or TRITON_INTERPRET=1")
@@ -46,7 +46,7 @@ def run(case, device="cpu"):
 
 
 @interpreted
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16),
                              max_T=tri.DECODE_MAX_T, max_d=40, max_E=5))
 def test_decode_path_matches_naive(case):
@@ -55,7 +55,7 @@ def test_decode_path_matches_naive(case):
 
 
 @interpreted
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.float16), min_T=tri.DECODE_MAX_T + 1,
                              max_T=40, max_d=40, max_E=5))
 def test_grouped_path_matches_naive(case):
@@ -88,7 +88,7 @@ def test_group_by_expert_exact():
 
 @gpu
 @needs_cuda
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_T=300,
                              max_d=300, max_E=12))
 def test_gpu_matches_naive(case):
