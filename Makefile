@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-long install bench clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
+# The long property profile (10x the hypothesis examples); outside CI.
+test-long: $(STAMP)
+	LTE_HYPOTHESIS_PROFILE=long TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest -q -p no:cacheprovider tests/kernels tests/api/test_cluster.py
 
 bench: $(STAMP)
 	$(VPY) -m lte_compile.cli bench
