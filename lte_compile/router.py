@@ -56,12 +56,20 @@ class FFNSpec:
         return cls(**d)
 
 
+def _router_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class LTERouter(nn.Module):
     """Router of one FFN: G(x) = sigmoid(linear(x)) in (0, 1)^E; expert e active iff G_e > tau.
 
     `last_gates` holds G of the latest forward ([..., E]; differentiable in soft mode) for the
     training losses; `mode` is 'dense' (router unused), 'soft' (scale by G) or 'hard' (mask G > tau).
     `permutation[i]` is the original index of neuron i (prepare made experts contiguous).
+
+    The router's weights stay float32 in a bf16/fp16 model (`.to(torch.bfloat16)` leaves them):
+    the threshold decision G > tau is precision-sensitive, the weights are small (d x E), and a
+    bf16 GEMV of this shape is slow on CPUs (16 % of a 7B FFN layer, benchmarks/RESULTS.md).
     """
 
     def __init__(self, spec: FFNSpec, expert_size: int, tau: float, *, device=None, dtype=None):
@@ -71,13 +79,20 @@ class LTERouter(nn.Module):
         self.num_experts = spec.d_ff // expert_size
         self.tau = float(tau)
         self.mode = "dense"
-        self.linear = nn.Linear(spec.d_model, self.num_experts, device=device, dtype=dtype)
+        self.linear = nn.Linear(spec.d_model, self.num_experts, device=device, dtype=_router_dtype(dtype))
         self.register_buffer("permutation", torch.arange(spec.d_ff, device=device), persistent=True)
         self.last_gates: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [..., d] -> G: [..., E]."""
-        return torch.sigmoid(self.linear(x))
+        """x: [..., d] -> G: [..., E] (float32, or float64 in a float64 model)."""
+        return torch.sigmoid(self.linear(x.to(self.linear.weight.dtype)))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for p in self.linear.parameters():  # keep the router out of half precision
+            if p.dtype != _router_dtype(p.dtype):
+                p.data = p.data.to(_router_dtype(p.dtype))
+        return self
 
     def extra_repr(self) -> str:
         return (f"ffn={self.spec.name!r}, experts={self.num_experts}x{self.expert_size}, "

@@ -194,3 +194,13 @@ def test_ffn_whose_intermediate_is_used_elsewhere_is_left_dense():
     model = TwoFFNs()
     lte.prepare(model, example_inputs=(torch.randn(2, 16),))
     assert list(lte.routers(model)) == ["ok"], "only the clean FFN gets a router"
+
+
+def test_router_stays_float32_in_a_bf16_model():
+    model = lte.prepare(build("llama")).to(torch.bfloat16)
+    r = lte.routers(model)["model.layers.0.mlp"]
+    assert r.linear.weight.dtype == torch.float32 and model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    lte.set_mode(model, "hard")
+    with torch.no_grad():
+        model(input_ids=ids())
+    assert lte.gates(model)["model.layers.0.mlp"].dtype == torch.float32
