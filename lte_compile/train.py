@@ -368,24 +368,10 @@ class _Run:
         self.model.train()
 
     # -- measuring
-    @torch.no_grad()
     def collect(self, batches: list[dict[str, Tensor]]) -> tuple[list[Tensor], GateStats, float]:
         """Forward `batches` in the current mode: (valid gates per layer, reduced stats, mean task loss)."""
-        was = self.model.training
-        self.model.eval()
-        gates: dict[str, list[Tensor]] = {}
-        stats, loss_sum = None, 0.0
-        for raw in batches:
-            b = prepare_batch(raw, self.cfg.task, self.device)
-            loss_sum += float(task_loss(self.model, b, self.loss_fn))
-            mask = b.get("attention_mask")
-            for k, g in _valid_gates(self.model, mask).items():
-                gates.setdefault(k, []).append(g)
-            s = gate_stats({k: r.last_gates for k, r in self.routers.items() if r.last_gates is not None}, self.tau, mask)
-            stats = s if stats is None else stats.merge(s)
-        self.model.train(was)
-        loss = _reduce_mean({"loss": loss_sum / max(len(batches), 1)}, self.world)["loss"]
-        return [torch.cat(v) for v in gates.values()], _reduce_stats(stats, self.world), loss
+        gates, stats, loss = forward_batches(self.model, batches, self.cfg.task, self.loss_fn)
+        return list(gates.values()), _reduce_stats(stats, self.world), _reduce_mean({"loss": loss}, self.world)["loss"]
 
     def calibrate(self, batches: list[dict[str, Tensor]], what: str) -> float:
         def collect():
@@ -543,6 +529,36 @@ def train(model: nn.Module, data: Any, config: TrainConfig | None = None, *, eva
 
 
 @torch.no_grad()
+def forward_batches(model: nn.Module, batches: list[dict[str, Tensor]], task: str = "auto",
+                    loss_fn: LossFn | None = None) -> tuple[dict[str, Tensor], GateStats | None, float]:
+    """Forward `batches` in eval mode, in the model's current LTE mode (this rank only).
+
+    Returns (valid gates per layer [N, E], summed gate statistics or None in dense mode, mean task loss).
+    """
+    rs = _routers(model)
+    tau = next(iter(rs.values())).tau if rs else 0.5
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    gates: dict[str, list[Tensor]] = {}
+    stats, loss_sum = None, 0.0
+    try:
+        for raw in batches:
+            b = prepare_batch(raw, task, device)
+            loss_sum += float(task_loss(model, b, loss_fn))
+            mask = b.get("attention_mask")
+            last = {k: r.last_gates for k, r in rs.items() if r.last_gates is not None}
+            if last:
+                for k, g in _valid_gates(model, mask).items():
+                    gates.setdefault(k, []).append(g)
+                s = gate_stats(last, tau, mask)
+                stats = s if stats is None else stats.merge(s)
+    finally:
+        model.train(was)
+    return {k: torch.cat(v) for k, v in gates.items()}, stats, loss_sum / max(len(batches), 1)
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, data: Any, *, mode: str = "hard", task: str = "auto", max_batches: int = 8,
              seq_len: int = 256, batch_size: int = 8, loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Held-out task loss, perplexity and (for LTE modes) sparsity of a prepared model in `mode`."""
@@ -556,24 +572,11 @@ def evaluate(model: nn.Module, data: Any, *, mode: str = "hard", task: str = "au
     old = get_mode(model) if rs else None
     if rs:
         set_mode(model, mode)
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum, stats = 0.0, None
     try:
-        for raw in batches:
-            b = prepare_batch(raw, task, device)
-            loss_sum += float(task_loss(model, b, loss_fn))
-            if mode != "dense":
-                tau = next(iter(rs.values())).tau
-                s = gate_stats({k: r.last_gates for k, r in rs.items() if r.last_gates is not None}, tau,
-                               b.get("attention_mask"))
-                stats = s if stats is None else stats.merge(s)
+        _, stats, loss = forward_batches(model, batches, task, loss_fn)
     finally:
-        model.train(was)
         if rs and old in ("dense", "soft", "hard"):
             set_mode(model, old)
-    loss = loss_sum / max(len(batches), 1)
     out: dict[str, Any] = {"mode": mode, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
     if stats is not None:
         out |= {"sparsity": stats.overall(), "sparsity_per_layer": stats.sparsity(),
