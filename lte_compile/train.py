@@ -101,7 +101,9 @@ class TrainConfig:
     plots: bool = True
     """Write sparsity.png and losses.png into `out_dir` at the end."""
     distributed: str = "auto"
-    """'auto' (DDP when torch.distributed has > 1 rank), 'ddp', 'none'."""
+    """'auto' or 'ddp' (DDP when torch.distributed has > 1 rank), 'fsdp' (FSDP2 `fully_shard` per
+    transformer block and the root; needs `lte.Config(kernel_layout=False)` as FSDP2 shards only
+    contiguous parameters, and no checkpoints yet), 'none'."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,8 +130,11 @@ class TrainConfig:
             raise ConfigError("heldout_fraction", self.heldout_fraction, "a float in (0, 0.5)")
         if self.task not in TASKS:
             raise ConfigError("task", self.task, f"one of {TASKS}")
-        if self.distributed not in ("auto", "ddp", "none"):
-            raise ConfigError("distributed", self.distributed, "'auto', 'ddp' or 'none'")
+        if self.distributed not in ("auto", "ddp", "fsdp", "none"):
+            raise ConfigError("distributed", self.distributed, "'auto', 'ddp', 'fsdp' or 'none'")
+        if self.distributed == "fsdp" and self.checkpoint_every:
+            raise ConfigError("checkpoint_every", self.checkpoint_every, "0 with distributed='fsdp'",
+                              "checkpoints of sharded models are not written yet; use 'ddp' to checkpoint")
         if self.checkpoint_every and self.out_dir is None:
             raise ConfigError("out_dir", None, "a directory when checkpoint_every > 0", "checkpoints need a place")
         if self.target_sparsity is not None and self.stage1_steps == 0:
@@ -316,8 +321,22 @@ def _reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, t)}
 
 
+def _fsdp_shard(model: nn.Module) -> None:
+    """FSDP2: shard every block of the model's largest ModuleList (the transformer layers), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    bad = [n for n, p in model.named_parameters() if not p.is_contiguous()]
+    if bad:
+        raise ConfigError("distributed", "fsdp", "contiguous parameters", f"{bad[0]} is not contiguous: prepare with "
+                          "lte.Config(kernel_layout=False) to train with FSDP (lte.prepare can lay it out later)")
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    for block in max(lists, key=len, default=[]):
+        fully_shard(block)
+    fully_shard(model)
+
+
 def _wrap(model: nn.Module, cfg: TrainConfig, world: int) -> nn.Module:
-    if world == 1 or cfg.distributed == "none":
+    if world == 1 or cfg.distributed in ("none", "fsdp"):  # FSDP shards in place once, before stage 1
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -455,6 +474,8 @@ class _Run:
         stage, step, ckpt = self.resume_point()
         if ckpt is None:
             _seed_all(self.cfg.seed)
+        if self.cfg.distributed == "fsdp" and self.world > 1:
+            _fsdp_shard(self.model)
         if stage == "stage1":
             self._set_stage("stage1")
             opt, sched = self._optimizer("stage1")
