@@ -67,6 +67,7 @@ class TrainConfig:
     stage2_lr: float = 1e-4
     """Model learning rate in stage 2."""
     model_weight_decay: float = 0.0
+    """Model weight decay (0: fine-tuning a pretrained model for a few hundred steps)."""
     router_lr: float = 1e-2
     """Router learning rate (paper: 1e-2)."""
     router_weight_decay: float = 0.1
@@ -92,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Steps between checkpoints (0 = none); needs `out_dir`."""
     keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones are deleted; 0 keeps all)."""
     resume: bool = True
     """Continue from the latest checkpoint in `out_dir/checkpoints` if there is one."""
     seed: int = 0
@@ -105,6 +107,7 @@ class TrainConfig:
     transformer block and the root; needs `lte.Config(kernel_layout=False)` as FSDP2 shards only
     contiguous parameters, and no checkpoints yet), 'none'."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata, saved with every checkpoint's config."""
 
     def __post_init__(self) -> None:
         for name in ("stage1_steps", "stage2_steps", "checkpoint_every", "warmup_steps"):
