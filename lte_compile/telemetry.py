@@ -59,6 +59,12 @@ class Telemetry:
             self._bar.close()
             self._bar = None
 
+    def start_fresh(self) -> None:
+        """A new run (not a resume): drop the log of an earlier run in the same directory."""
+        self.records = []
+        if self.enabled and self.log_path is not None and self.log_path.exists():
+            self.log_path.unlink()
+
     def load(self) -> None:
         """Read back records written by an earlier (killed) run, so plots cover the whole run."""
         if self.log_path is not None and self.log_path.exists():

@@ -477,6 +477,7 @@ class _Run:
         stage, step, ckpt = self.resume_point()
         if ckpt is None:
             _seed_all(self.cfg.seed)
+            self.telemetry.start_fresh()
         if self.cfg.distributed == "fsdp" and self.world > 1:
             _fsdp_shard(self.model)
         if stage == "stage1":

@@ -47,3 +47,11 @@ def test_stage1_trains_routers_with_eta_by_hand_and_writes_telemetry(tmp_path):
     for png in ("sparsity.png", "losses.png"):
         assert (tmp_path / png).stat().st_size > 5000
     assert result.target_sparsity is None and result.bias_shift == 0.0
+
+
+def test_a_fresh_run_replaces_the_log_of_an_earlier_one(tmp_path):
+    cfg = TrainConfig(stage1_steps=2, stage2_steps=1, eta=1.0, out_dir=str(tmp_path), resume=False, **FAST)
+    train(tiny_llama(), token_stream(), cfg)
+    train(tiny_llama(), token_stream(), cfg)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "eval" for r in records) == 1 and len(records) == 4
