@@ -19,6 +19,10 @@
 //   2. down: parallel over column tiles of d_out (no reduction buffers, deterministic). For each
 //            active expert, y[t, tile] += h[p, :] @ W_down^T[e, tile] over its pairs.
 // Accumulation is fp32 for every weight dtype (fp32, bf16, fp16); y is rounded once at the end.
+//
+// bf16 batches (x and weights bf16, T > 1) on a CPU with AVX512-BF16: experts with >= 2 tokens run
+// both phases as register-blocked `vdpbf16ps` micro-kernels on the raw bf16 rows (see "AVX512-BF16
+// grouped path" below); without __AVX512BF16__ at build time only the fp32 path is compiled.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -28,6 +32,15 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+// The AVX512-BF16 grouped path is compiled where the build machine (-march=native) has it;
+// elsewhere the fp32-FMA path below is the only one.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define LTE_BF16_DP 1
+#else
+#define LTE_BF16_DP 0
+#endif
 
 namespace {
 
@@ -171,12 +184,160 @@ inline void dot_chunk(const W* wu, const W* wg, const float* const* xs, int64_t 
 #undef LTE_DOT
 }
 
+#if LTE_BF16_DP
+// ---- AVX512-BF16 grouped path (bf16 weights and activations, T > 1) -------------------------
+// `vdpbf16ps` (_mm512_dpbf16_ps) multiplies 32 bf16 pairs and adds each pair's sum into one of 16
+// fp32 lanes: twice the fp32 FMA rate and no bf16 -> fp32 conversion. Accumulation stays fp32.
+//   up:   h[t, j] = <W[j, :], x[t, :]>, both bf16 along d: the pairs are consecutive d elements,
+//         so rows are used as stored (no repacking); one 16-lane sum per (row, token) per d tile.
+//         Blocked 4 rows x 6 tokens (24 accumulators).
+//   down: y[t, c] += sum_j h[t, j] W_down^T[j, c]: the pairs run along j, so two rows of W_down^T
+//         are interleaved once per 256-column sub-tile ([B/2, 256] uint32), and h is rounded to
+//         bf16 once (as the grouped Triton path does). Blocked 6 tokens x 64 columns.
+
+constexpr int kDpRows = 4;       // weight rows per up micro-kernel
+constexpr int kDpToks = 6;       // tokens per micro-kernel (both phases)
+constexpr int kDpCols = 4;       // 16-column vectors per down micro-kernel
+constexpr int64_t kDpDTile = 2048;  // d tile of the up phase: 2B rows x 4 KB = 256 KB at B = 32
+constexpr int64_t kDpSub = 256;  // columns of W_down^T interleaved at a time (B/2 x 1 KB = 16 KB)
+// Experts with fewer tokens keep the fp32 path (at 1-2 tokens a block is memory-bound either way).
+constexpr int64_t kDpMinTokens = 2;
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+inline __mmask32 mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n) - 1); }
+
+// out[r][t * ostride] += <w[r][0:n], xs[t][0:n]> (bf16 bits), R rows x NT tokens.
+template <int R, int NT>
+inline void up_block(const uint16_t* const* w, const uint16_t* const* xs, int64_t n,
+                     float* const* out, int64_t ostride) {
+  __m512 acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w[r] + k);
+    for (int t = 0; t < NT; ++t) {
+      const __m512i xv = _mm512_loadu_si512(xs[t] + k);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], as_bh(wv[r]), as_bh(xv));
+    }
+  }
+  if (k < n) {  // masked tail: zero lanes add nothing
+    const __mmask32 m = mask32(n - k);
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(m, w[r] + k);
+    for (int t = 0; t < NT; ++t) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(m, xs[t] + k);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], as_bh(wv[r]), as_bh(xv));
+    }
+  }
+  if (R == 4) {
+    // Four rows at once: a transposing reduction (9 shuffles/adds for 4 sums instead of ~24),
+    // then one 4-float update where the rows' outputs are adjacent (rows of the same half).
+    const bool adjacent = out[1] == out[0] + 1 && out[2] == out[0] + 2 && out[3] == out[0] + 3;
+    for (int t = 0; t < NT; ++t) {
+      const __m512 a0 = acc[0][t], a1 = acc[1 % R][t], a2 = acc[2 % R][t], a3 = acc[3 % R][t];
+      const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+      const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+      const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23));
+      const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23));
+      const __m512 s = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));  // [r0 r1 r2 r3] x 4
+      const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+      const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      if (adjacent) {
+        float* o = out[0] + t * ostride;
+        _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), q));
+      } else {
+        alignas(16) float v[4];
+        _mm_store_ps(v, q);
+        for (int r = 0; r < 4; ++r) out[r][t * ostride] += v[r];
+      }
+    }
+    return;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) out[r][t * ostride] += _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int R>
+inline void up_block_nt(int nt, const uint16_t* const* w, const uint16_t* const* xs, int64_t n,
+                        float* const* out, int64_t ostride) {
+  switch (nt) {
+    case 1: up_block<R, 1>(w, xs, n, out, ostride); break;
+    case 2: up_block<R, 2>(w, xs, n, out, ostride); break;
+    case 3: up_block<R, 3>(w, xs, n, out, ostride); break;
+    case 4: up_block<R, 4>(w, xs, n, out, ostride); break;
+    case 5: up_block<R, 5>(w, xs, n, out, ostride); break;
+    default: up_block<R, 6>(w, xs, n, out, ostride); break;
+  }
+}
+
+inline void up_block_any(int r, int nt, const uint16_t* const* w, const uint16_t* const* xs,
+                         int64_t n, float* const* out, int64_t ostride) {
+  switch (r) {
+    case 1: up_block_nt<1>(nt, w, xs, n, out, ostride); break;
+    case 2: up_block_nt<2>(nt, w, xs, n, out, ostride); break;
+    case 3: up_block_nt<3>(nt, w, xs, n, out, ostride); break;
+    default: up_block_nt<4>(nt, w, xs, n, out, ostride); break;
+  }
+}
+
+// y[t][c + 0 : 16*CB] += sum_i hp[t][i] . pk[i][c + ...] (bf16 pairs along j), NT tokens.
+// tail: lanes of the last vector that exist (CB == 1 only; 16 = all).
+template <int NT, int CB>
+inline void down_block(const uint32_t* pk, int64_t ld, int64_t Bh, const uint32_t* const* hp,
+                       float* const* y, int64_t c, int tail) {
+  const __mmask16 m = tail >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
+  __m512 acc[NT][CB];
+  for (int t = 0; t < NT; ++t)
+    for (int b = 0; b < CB; ++b)
+      acc[t][b] = CB == 1 ? _mm512_maskz_loadu_ps(m, y[t] + c) : _mm512_loadu_ps(y[t] + c + 16 * b);
+  for (int64_t i = 0; i < Bh; ++i) {
+    __m512i wv[CB];
+    for (int b = 0; b < CB; ++b) wv[b] = _mm512_loadu_si512(pk + i * ld + c + 16 * b);
+    for (int t = 0; t < NT; ++t) {
+      const __m512i hv = _mm512_set1_epi32(static_cast<int>(hp[t][i]));
+      for (int b = 0; b < CB; ++b) acc[t][b] = _mm512_dpbf16_ps(acc[t][b], as_bh(hv), as_bh(wv[b]));
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int b = 0; b < CB; ++b) {
+      if (CB == 1) _mm512_mask_storeu_ps(y[t] + c, m, acc[t][b]);
+      else _mm512_storeu_ps(y[t] + c + 16 * b, acc[t][b]);
+    }
+}
+
+// All of columns [0, n) for NT tokens: 64-column blocks, then 16-column ones, then a masked tail.
+template <int NT>
+inline void down_cols(const uint32_t* pk, int64_t ld, int64_t Bh, const uint32_t* const* hp,
+                      float* const* y, int64_t n) {
+  int64_t c = 0;
+  for (; c + 16 * kDpCols <= n; c += 16 * kDpCols) down_block<NT, kDpCols>(pk, ld, Bh, hp, y, c, 16);
+  for (; c < n; c += 16) down_block<NT, 1>(pk, ld, Bh, hp, y, c, static_cast<int>(std::min<int64_t>(16, n - c)));
+}
+
+inline void down_cols_any(int nt, const uint32_t* pk, int64_t ld, int64_t Bh,
+                          const uint32_t* const* hp, float* const* y, int64_t n) {
+  switch (nt) {
+    case 1: down_cols<1>(pk, ld, Bh, hp, y, n); break;
+    case 2: down_cols<2>(pk, ld, Bh, hp, y, n); break;
+    case 3: down_cols<3>(pk, ld, Bh, hp, y, n); break;
+    case 4: down_cols<4>(pk, ld, Bh, hp, y, n); break;
+    case 5: down_cols<5>(pk, ld, Bh, hp, y, n); break;
+    default: down_cols<6>(pk, ld, Bh, hp, y, n); break;
+  }
+}
+#endif  // LTE_BF16_DP
+
 template <typename W>
 void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f, int64_t E,
                      const W* w_up, int64_t s_up, const W* w_gate, int64_t s_gate,
                      const W* w_down, int64_t s_down, int64_t d_out,
                      const W* b_up, const W* b_gate, int act, int64_t B, bool hard,
-                     float tau, float* y) {
+                     float tau, float* y, const uint16_t* xb) {
+  // xb: x as bf16 bits [T, d] when x and the weights are bf16 and the CPU has AVX512-BF16 (the
+  // launcher checks), else nullptr. Experts with >= kDpMinTokens tokens then take the dp path.
+  const bool dp = LTE_BF16_DP && xb != nullptr;
   // ---- index building: pairs (token, expert) grouped by expert, tokens ascending -------------
   std::vector<int64_t> count(E, 0);
   for (int64_t t = 0; t < T; ++t)
@@ -210,6 +371,8 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
 
   // ---- phase 1: h[p, j] for every pair p and neuron j of its expert ---------------------------
   std::vector<float> h(P * B);
+  const int64_t Bh = (B + 1) / 2;  // bf16 pairs of h per pair (dp path; odd B: zero-padded)
+  std::vector<uint32_t> hb(dp ? P * Bh : 0);
   at::parallel_for(0, A, 1, [&](int64_t a0, int64_t a1) {
     std::vector<float> acc_g(glu ? T * B : 0);
     std::vector<float> stage;  // fp32 copy of a reduced-precision weight tile, see below
@@ -219,6 +382,35 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
       float* hg = glu ? acc_g.data() : nullptr;
       std::fill(hu, hu + np * B, 0.f);
       if (glu) std::fill(hg, hg + np * B, 0.f);
+#if LTE_BF16_DP
+      if (dp && np >= kDpMinTokens) {
+        const int64_t nrows = glu ? 2 * B : B;  // up rows, then gate rows
+        const int64_t dtile = np <= kDpToks ? d : kDpDTile;
+        for (int64_t k0 = 0; k0 < d; k0 += dtile) {
+          const int64_t kn = std::min(dtile, d - k0);
+          for (int64_t c = 0; c < np; c += kDpToks) {
+            const int nt = static_cast<int>(std::min<int64_t>(kDpToks, np - c));
+            const uint16_t* xs[kDpToks];
+            for (int i = 0; i < nt; ++i) xs[i] = xb + tok[p0 + c + i] * d + k0;
+            for (int64_t r0 = 0; r0 < nrows; r0 += kDpRows) {
+              const int R = static_cast<int>(std::min<int64_t>(kDpRows, nrows - r0));
+              const uint16_t* wr[kDpRows];
+              float* out[kDpRows];
+              for (int r = 0; r < R; ++r) {
+                const int64_t j = r0 + r;
+                const bool up = j < B;
+                const int64_t row = e * B + (up ? j : j - B);
+                const W* src = up ? w_up + row * s_up : w_gate + row * s_gate;
+                wr[r] = reinterpret_cast<const uint16_t*>(src) + k0;
+                out[r] = (up ? hu + j : hg + (j - B)) + c * B;
+              }
+              up_block_any(R, nt, wr, xs, kn, out, B);
+            }
+          }
+        }
+      } else
+#endif
+      {
       // One token chunk: stream each row whole (sequential reads); several: tile d so the
       // expert's tile stays in L2 across chunks.
       const int64_t dtile = np <= kTokChunk ? d : kDTile;
@@ -262,6 +454,7 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
           }
         }
       }
+      }
       for (int64_t i = 0; i < np; ++i)
         for (int64_t j = 0; j < B; ++j) {
           const int64_t row = e * B + j;
@@ -275,6 +468,13 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
           }
           hu[i * B + j] = v * scl[p0 + i];
         }
+      if (dp) {  // h rounded to bf16 once, as pairs along j (an odd B's last pair is zero-padded)
+        for (int64_t i = 0; i < np; ++i) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(hb.data() + (p0 + i) * Bh);
+          for (int64_t j = 0; j < B; ++j) dst[j] = c10::BFloat16(hu[i * B + j]).x;
+          if (B & 1) dst[B] = 0;
+        }
+      }
     }
   });
 
@@ -283,16 +483,51 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
   // streams its whole column range of each row. Row segments are >= 256 floats.
   int64_t ct = (int64_t{1} << 16) / std::max<int64_t>(T, 1);
   ct = std::max<int64_t>(256, (ct / 64) * 64);
+  if (dp && T > 1) {  // at least one tile per thread (T = 16 would otherwise run on one core)
+    const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+    ct = std::min(ct, std::max<int64_t>(64, ((d_out + nth - 1) / nth + 63) / 64 * 64));
+  }
   const int64_t ntiles = (d_out + ct - 1) / ct;
   at::parallel_for(0, ntiles, 1, [&](int64_t i0, int64_t i1) {
     const int64_t c0 = i0 * ct, c1 = std::min(d_out, i1 * ct);
     // At batch 1 the thread's whole range is one tile; otherwise ct columns at a time.
     const int64_t step = (T == 1) ? (c1 - c0) : ct;
     std::vector<float> stage(kRowGroup * step);
+#if LTE_BF16_DP
+    std::vector<uint32_t> pk(dp ? Bh * kDpSub : 0);
+#endif
     for (int64_t cs = c0; cs < c1; cs += step) {
       const int64_t n = std::min(step, c1 - cs);
       for (int64_t a = 0; a < A; ++a) {
         const int64_t e = active[a], p0 = start[e], np = count[e];
+#if LTE_BF16_DP
+        if (dp && np >= kDpMinTokens) {
+          const uint16_t* wd = reinterpret_cast<const uint16_t*>(w_down);
+          for (int64_t ss = cs; ss < cs + n; ss += kDpSub) {
+            const int64_t m = std::min(kDpSub, cs + n - ss);
+            const int64_t mpad = (m + 15) / 16 * 16;
+            for (int64_t i = 0; i < Bh; ++i) {  // interleave rows 2i, 2i+1 of this sub-tile
+              const uint16_t* r0 = wd + (e * B + 2 * i) * s_down + ss;
+              const uint16_t* r1 = 2 * i + 1 < B ? wd + (e * B + 2 * i + 1) * s_down + ss : nullptr;
+              uint32_t* dst = pk.data() + i * kDpSub;
+              if (r1) for (int64_t c = 0; c < m; ++c) dst[c] = uint32_t(r0[c]) | (uint32_t(r1[c]) << 16);
+              else for (int64_t c = 0; c < m; ++c) dst[c] = r0[c];
+              for (int64_t c = m; c < mpad; ++c) dst[c] = 0;
+            }
+            for (int64_t c = 0; c < np; c += kDpToks) {
+              const int nt = static_cast<int>(std::min<int64_t>(kDpToks, np - c));
+              const uint32_t* hp[kDpToks];
+              float* yr[kDpToks];
+              for (int i = 0; i < nt; ++i) {
+                hp[i] = hb.data() + (p0 + c + i) * Bh;
+                yr[i] = y + tok[p0 + c + i] * d_out + ss;
+              }
+              down_cols_any(nt, pk.data(), kDpSub, Bh, hp, yr, m);
+            }
+          }
+          continue;
+        }
+#endif
         for (int64_t r0 = 0; r0 < B; r0 += kRowGroup) {
           const int R = static_cast<int>(std::min<int64_t>(kRowGroup, B - r0));
           const W* wr[kRowGroup];
@@ -314,6 +549,15 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
       }
     }
   });
+}
+
+bool bf16_dp_supported() {
+#if LTE_BF16_DP
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
 }
 
 int act_code(const std::string& act) {
@@ -376,6 +620,12 @@ torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor
   else yf.zero_();
 
   const int code = act_code(act);
+  // bf16 x and weights on an AVX512-BF16 CPU: the grouped path uses bf16 dot products on x itself
+  // (exact: x is bf16 already). A batch of one keeps the streaming fp32 path.
+  torch::Tensor xb;
+  if (LTE_BF16_DP && dt == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && T > 1 &&
+      bf16_dp_supported())
+    xb = x.contiguous();
   auto run = [&](auto tag) {
     using W = decltype(tag);
     sparse_ffn_impl<W>(xf.data_ptr<float>(), T, d, gf.data_ptr<float>(), E,
@@ -384,7 +634,7 @@ torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor
                        wd.data_ptr<W>(), wd.stride(0), d_out,
                        bu.defined() ? bu.data_ptr<W>() : nullptr,
                        bg.defined() ? bg.data_ptr<W>() : nullptr, code, B, hard, tau_f,
-                       yf.data_ptr<float>());
+                       yf.data_ptr<float>(), xb.defined() ? reinterpret_cast<const uint16_t*>(xb.data_ptr()) : nullptr);
   };
   if (dt == at::kFloat) run(float{});
   else if (dt == at::kBFloat16) run(c10::BFloat16{});

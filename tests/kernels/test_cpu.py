@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 from lte_compile.kernels import cpu
 from tests.kernels.naive import TAU, assert_matches_naive
-from tests.strategies import examples, sparse_ffn_cases
+from tests.strategies import FFNCase, examples, gate_mask, sparse_ffn_cases
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -96,3 +96,40 @@ def test_extension_is_cached():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu.load_extension() is cpu.load_extension()
+
+
+@needs_ext
+@settings(max_examples=examples(60))
+@given(case=sparse_ffn_cases(dtypes=(torch.bfloat16,), min_T=16, max_T=200, max_d=140, max_E=5,
+                             modes=("hard",)))
+def test_cpp_kernel_bf16_batch_matches_naive(case):
+    """bf16 batches: the AVX512-BF16 grouped path (where the CPU has it): 6-token blocks, 4-row
+    blocks, masked d tails, odd expert sizes (zero-padded bf16 pairs of h), 64/16/masked columns."""
+    assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, "C++ kernel, bf16 batch")
+
+
+@needs_ext
+@pytest.mark.parametrize("T,d,d_out,B,glu", [(16, 2100, 300, 32, True), (77, 2100, 530, 3, False),
+                                             (200, 130, 300, 8, True), (40, 4099, 70, 1, True)])
+def test_cpp_kernel_bf16_batch_ragged_large(T, d, d_out, B, glu):
+    """Ragged masks on shapes past the bf16 path's tiles: two d tiles (2048) plus a tail, several
+    256-column sub-tiles of the down phase, one token with no expert, experts with 1 token."""
+    g = torch.Generator().manual_seed(T + d)
+    E = 6
+    mask = gate_mask("ragged", T, E, g)
+    mask[3] = False
+    mask[:, 0] = False
+    mask[5, 0] = True  # expert 0 has exactly one token (the fp32 path beside the bf16 one)
+    u = torch.rand(T, E, generator=g) * 0.45
+    f64 = dict(dtype=torch.float64, generator=g)
+    N = E * B
+    case = FFNCase(x=torch.randn(T, d, **f64), gates=torch.where(mask, TAU + 0.05 + u, TAU - 0.05 - u).float(),
+                   w_up=torch.randn(N, d, **f64) / d ** 0.5,
+                   w_gate=torch.randn(N, d, **f64) / d ** 0.5 if glu else None,
+                   w_down=torch.randn(N, d_out, **f64) / N ** 0.5, b_up=torch.randn(N, **f64) * 0.5,
+                   b_gate=torch.randn(N, **f64) * 0.5 if glu else None, b_down=torch.randn(d_out, **f64),
+                   act="silu" if glu else "gelu", expert_size=B, mode="hard", mask_kind="ragged",
+                   dtype=torch.bfloat16)
+    y = cpu.sparse_ffn_cpu(*case.args())
+    assert_matches_naive(y, case, "C++ kernel, bf16 batch, ragged")
+    assert torch.equal(y[3], case.b_down.to(torch.bfloat16)), "a token with no active expert gets b_down"
