@@ -80,15 +80,28 @@ def rewrite_ffns(gm: fx.GraphModule, report: FFNReport) -> RewriteResult:
             logger.warning("lte rewrite: %s: %s; this FFN runs unfused (masked dense)", m.module, reason)
             continue
         _rewrite_one(gm.graph, m)
+        _erase_dead_region(gm.graph, m)
         result.rewritten.append(m.module)
     if result.rewritten:
-        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
         result.modified = True
     result.seconds = time.perf_counter() - start
     logger.debug("lte rewrite: %d rewritten, %d skipped in %.3f s", len(result.rewritten), len(result.skipped), result.seconds)
     return result
+
+
+def _erase_dead_region(graph: fx.Graph, m: FFNMatch) -> None:
+    """Erase the replaced region's nodes that nothing uses any more.
+
+    Not `graph.eliminate_dead_code()`: it also drops user-less in-place ops elsewhere in the graph
+    (a StaticCache's `index_copy_` into its key/value buffers), which broke compiled decoding.
+    """
+    region = [n for n in graph.nodes if n in set(m.nodes) | {m.output_node, m.apply_gates_node}
+              and n.op != "placeholder"]
+    for node in reversed(region):  # users come after their inputs: erase from the end
+        if not node.users:
+            graph.erase_node(node)
 
 
 def _cannot_rewrite(m: FFNMatch) -> str | None:

@@ -133,3 +133,29 @@ def test_generate_with_compiled_forward_gives_eager_tokens(prepared_llama):
         prepared_llama.forward = eager_forward
     assert torch.equal(out, ref)
     assert lte_backend_mod.history and all(len(r.rewritten) == 2 for r in lte_backend_mod.history)
+
+
+def test_static_cache_decode_keeps_the_cache_writes(prepared_llama):
+    """Regression: the rewrite ran graph-wide dead-code elimination, which dropped the user-less
+    in-place `index_copy_` writes into a StaticCache, so compiled decoding repeated one token."""
+    from transformers import StaticCache
+
+    lte.set_mode(prepared_llama, "hard")
+
+    def decode(fn, n=6):
+        cache = StaticCache(config=prepared_llama.config, max_cache_len=16)
+        with torch.no_grad():
+            out = prepared_llama(input_ids=torch.tensor([[5, 6, 7, 8]]), past_key_values=cache,
+                                 cache_position=torch.arange(4), use_cache=True)
+            tokens = [out.logits[:, -1:].argmax(-1)]
+            for i in range(n):
+                out = fn(input_ids=tokens[-1], past_key_values=cache, cache_position=torch.tensor([4 + i]),
+                         use_cache=True)
+                tokens.append(out.logits[:, -1:].argmax(-1))
+        return [int(t) for t in tokens]
+
+    ref = decode(prepared_llama.forward)
+    torch._dynamo.reset()
+    got = decode(torch.compile(prepared_llama.forward, backend="lte", options={"lte.inner": "aot_eager"}))
+    assert got == ref
+    assert len(set(ref)) > 1, "the check needs a decode that does not repeat one token"
