@@ -1,8 +1,11 @@
-"""The `lte` command line: inspect what the passes find, and run the benchmark.
+"""The `lte` command line: inspect, train, eval, bench, demo.
 
     lte inspect path/to/model_dir_or_config.json [--sparsity 0.5] [--tokens 1]
     lte inspect my_pkg.models:build_model         (a callable returning a module, or (module, inputs))
+    lte train [--model llama --target 0.5 ...]    (LTE stage 1 + 2 on the project's small LM)
+    lte eval --lte-dir runs/train/lte             (held-out perplexity and sparsity, dense vs LTE)
     lte bench [--quick ...]                       (kernels/bench.py)
+    lte demo                                      (what `make demo` runs)
 """
 from __future__ import annotations
 
@@ -77,6 +80,18 @@ def inspect_model(model: nn.Module, example_inputs: Any = None, *, sparsity: flo
     return "\n".join(lines)
 
 
+def _delegate(command: str, argv: list[str]) -> int:
+    """Subcommands that own their argument parsers."""
+    if command == "bench":
+        from .kernels.bench import main as run
+    elif command == "demo":
+        from .demo import main as run
+    else:
+        from . import train_cli
+        run = train_cli.main_train if command == "train" else train_cli.main_eval
+    return run(argv) or 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lte", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--tokens", type=int, default=1, help="tokens per step T (default 1: decode)")
     ins.add_argument("--expert-size", type=int, default=32, help="neurons per expert B (default 32)")
     ins.add_argument("--bytes-per-param", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
-    sub.add_parser("bench", help="sparse vs dense FFN benchmark (lte bench --help)", add_help=False)
+    delegated = {"train": "LTE stage 1 + 2 to a target sparsity (lte train --help)",
+                 "eval": "held-out perplexity and sparsity, dense vs LTE (lte eval --help)",
+                 "bench": "sparse vs dense FFN kernel benchmark (lte bench --help)",
+                 "demo": "the end-to-end demo `make demo` runs (lte demo --help)"}
+    for name, text in delegated.items():
+        sub.add_parser(name, help=text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        from .kernels.bench import main as bench_main
-        return bench_main(rest) or 0
+    if args.command in delegated:
+        return _delegate(args.command, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     model, inputs = load_target(args.target)
