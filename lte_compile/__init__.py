@@ -15,7 +15,7 @@ from .data import TokenBatches
 from .errors import ConfigError, LTEError, NotPreparedError, StateMismatchError, UnsupportedFFNError
 from .lm import load_small_lm
 from .losses import GateStats, LossTerms, gate_stats, loss_terms
-from .plan import gates, get_mode, is_prepared, prepare, routers, set_mode
+from .plan import apply_kernel_layout, gates, get_mode, is_prepared, prepare, routers, set_mode
 from .router import LTERouter
 from .state import load, save
 from .train import TrainConfig, TrainResult, evaluate, train
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config", "prepare", "set_mode", "get_mode", "routers", "gates", "is_prepared", "save", "load",
+    "apply_kernel_layout",
     "LTERouter", "LTEError", "ConfigError", "UnsupportedFFNError", "StateMismatchError", "NotPreparedError",
     "train", "TrainConfig", "TrainResult", "evaluate", "loss_terms", "LossTerms", "gate_stats", "GateStats",
     "SparsityController", "TokenBatches", "load_small_lm", "LTETrainer", "LTETrainerCallback",

@@ -254,6 +254,14 @@ def kernel_layout_(model: nn.Module, spec: FFNSpec) -> None:
             p.data = p.data.t().contiguous().t()
 
 
+def apply_kernel_layout(model: nn.Module) -> nn.Module:
+    """Give a prepared model the sparse kernels' weight layout (after training with
+    `Config(kernel_layout=False)`, e.g. under FSDP, which shards only contiguous parameters)."""
+    for r in _require_routers(model).values():
+        kernel_layout_(model, r.spec)
+    return model
+
+
 def attach_router(model: nn.Module, spec: FFNSpec, config: Config, *, permutation: Tensor | None = None) -> LTERouter:
     """Create the FFN's router under its owner module and register the two forward hooks."""
     ref = model.get_parameter(spec.up_weight)

@@ -331,7 +331,7 @@ def _fsdp_shard(model: nn.Module) -> None:
     bad = [n for n, p in model.named_parameters() if not p.is_contiguous()]
     if bad:
         raise ConfigError("distributed", "fsdp", "contiguous parameters", f"{bad[0]} is not contiguous: prepare with "
-                          "lte.Config(kernel_layout=False) to train with FSDP (lte.prepare can lay it out later)")
+                          "lte.Config(kernel_layout=False) to train with FSDP, then lte.apply_kernel_layout(model) for inference")
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     for block in max(lists, key=len, default=[]):
         fully_shard(block)

@@ -204,3 +204,15 @@ def test_router_stays_float32_in_a_bf16_model():
     with torch.no_grad():
         model(input_ids=ids())
     assert lte.gates(model)["model.layers.0.mlp"].dtype == torch.float32
+
+
+def test_kernel_layout_can_be_applied_after_preparing_without_it():
+    model = lte.prepare(build("llama"), lte.Config(kernel_layout=False))
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert down.is_contiguous() and not down.t().is_contiguous()
+    x = ids()
+    with torch.no_grad():
+        ref = run(model, x)
+        lte.apply_kernel_layout(model)
+        assert down.t().is_contiguous(), "W_down^T rows must be contiguous for the sparse kernels"
+        torch.testing.assert_close(run(model, x), ref)
