@@ -235,6 +235,7 @@ inline void up_block(const uint16_t* const* w, const uint16_t* const* xs, int64_
     // Four rows at once: a transposing reduction (9 shuffles/adds for 4 sums instead of ~24),
     // then one 4-float update where the rows' outputs are adjacent (rows of the same half).
     const bool adjacent = out[1] == out[0] + 1 && out[2] == out[0] + 2 && out[3] == out[0] + 3;
+    __m128 qs[NT];
     for (int t = 0; t < NT; ++t) {
       const __m512 a0 = acc[0][t], a1 = acc[1 % R][t], a2 = acc[2 % R][t], a3 = acc[3 % R][t];
       const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
@@ -243,14 +244,18 @@ inline void up_block(const uint16_t* const* w, const uint16_t* const* xs, int64_
       const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23));
       const __m512 s = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));  // [r0 r1 r2 r3] x 4
       const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-      const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-      if (adjacent) {
-        float* o = out[0] + t * ostride;
-        _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), q));
-      } else {
+      qs[t] = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    }
+    if (adjacent) {
+      float* o = out[0];
+      for (int t = 0; t < NT; ++t)
+        _mm_storeu_ps(o + t * ostride, _mm_add_ps(_mm_loadu_ps(o + t * ostride), qs[t]));
+    } else {
+      float* o0 = out[0]; float* o1 = out[1]; float* o2 = out[2]; float* o3 = out[3];
+      for (int t = 0; t < NT; ++t) {
         alignas(16) float v[4];
-        _mm_store_ps(v, q);
-        for (int r = 0; r < 4; ++r) out[r][t * ostride] += v[r];
+        _mm_store_ps(v, qs[t]);
+        o0[t * ostride] += v[0]; o1[t * ostride] += v[1]; o2[t * ostride] += v[2]; o3[t * ostride] += v[3];
       }
     }
     return;
@@ -288,22 +293,30 @@ template <int NT, int CB>
 inline void down_block(const uint32_t* pk, int64_t ld, int64_t Bh, const uint32_t* const* hp,
                        float* const* y, int64_t c, int tail) {
   const __mmask16 m = tail >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
+  // Local copies of the pointers: the intrinsics' stores may alias anything, and reloading the
+  // pointer arrays after each one made GCC spill all accumulators.
+  float* yp[NT];
+  const uint32_t* hq[NT];
+  for (int t = 0; t < NT; ++t) {
+    yp[t] = y[t] + c;
+    hq[t] = hp[t];
+  }
   __m512 acc[NT][CB];
   for (int t = 0; t < NT; ++t)
     for (int b = 0; b < CB; ++b)
-      acc[t][b] = CB == 1 ? _mm512_maskz_loadu_ps(m, y[t] + c) : _mm512_loadu_ps(y[t] + c + 16 * b);
+      acc[t][b] = CB == 1 ? _mm512_maskz_loadu_ps(m, yp[t]) : _mm512_loadu_ps(yp[t] + 16 * b);
   for (int64_t i = 0; i < Bh; ++i) {
     __m512i wv[CB];
     for (int b = 0; b < CB; ++b) wv[b] = _mm512_loadu_si512(pk + i * ld + c + 16 * b);
     for (int t = 0; t < NT; ++t) {
-      const __m512i hv = _mm512_set1_epi32(static_cast<int>(hp[t][i]));
+      const __m512i hv = _mm512_set1_epi32(static_cast<int>(hq[t][i]));
       for (int b = 0; b < CB; ++b) acc[t][b] = _mm512_dpbf16_ps(acc[t][b], as_bh(hv), as_bh(wv[b]));
     }
   }
   for (int t = 0; t < NT; ++t)
     for (int b = 0; b < CB; ++b) {
-      if (CB == 1) _mm512_mask_storeu_ps(y[t] + c, m, acc[t][b]);
-      else _mm512_storeu_ps(y[t] + c + 16 * b, acc[t][b]);
+      if (CB == 1) _mm512_mask_storeu_ps(yp[t], m, acc[t][b]);
+      else _mm512_storeu_ps(yp[t] + 16 * b, acc[t][b]);
     }
 }
 
@@ -483,7 +496,11 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
   // streams its whole column range of each row. Row segments are >= 256 floats.
   int64_t ct = (int64_t{1} << 16) / std::max<int64_t>(T, 1);
   ct = std::max<int64_t>(256, (ct / 64) * 64);
-  if (dp && T > 1) {  // at least one tile per thread (T = 16 would otherwise run on one core)
+  if (dp && T > 1) {
+    // bf16 path: the y tile may shrink to 64 columns (T = 2048: 512 KB, in L2; 256 columns = 2 MB
+    // spilled to L3 and halved the down phase's rate), and every thread gets a tile (at T = 16 a
+    // single 4096-column tile would run on one core).
+    ct = std::max<int64_t>(64, ((int64_t{1} << 16) / T) / 64 * 64);
     const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
     ct = std::min(ct, std::max<int64_t>(64, ((d_out + nth - 1) / nth + 63) / 64 * 64));
   }
@@ -642,6 +659,10 @@ torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor
   return yf.scalar_type() == x.scalar_type() ? yf : yf.to(x.scalar_type());
 }
 
+// True if bf16 batches run on the AVX512-BF16 micro-kernels here (built with them, CPU has them).
+bool bf16_dot_kernel() { return bf16_dp_supported(); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_ffn_cpu", &sparse_ffn_cpu, "LTE gathered sparse FFN (CPU)");
+  m.def("bf16_dot_kernel", &bf16_dot_kernel, "bf16 batches use the AVX512-BF16 path");
 }
