@@ -8,8 +8,10 @@ from torch import nn
 import lte_compile as lte
 from tests.api.conftest import build, ids, run
 
-ARCHS = ["llama", "phi3", "gpt2", "opt", "bert", "t5"]
-EXPECTED_FFNS = {"llama": 2, "phi3": 2, "gpt2": 2, "opt": 2, "bert": 2, "t5": 2}  # t5: 1 encoder + 1 decoder
+from tests.models import HF_SPECS
+
+ARCHS = sorted(HF_SPECS)
+EXPECTED_FFNS = {name: 4 if name.startswith("t5") else 2 for name in ARCHS}  # t5: 2 encoder + 2 decoder
 
 
 def force_gates(model, logit: float) -> None:
