@@ -159,3 +159,21 @@ def test_static_cache_decode_keeps_the_cache_writes(prepared_llama):
     got = decode(torch.compile(prepared_llama.forward, backend="lte", options={"lte.inner": "aot_eager"}))
     assert got == ref
     assert len(set(ref)) > 1, "the check needs a decode that does not repeat one token"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "bert", "opt", "t5_gated", "gemma"])
+def test_rewrite_handles_every_ffn_form(arch):
+    """Conv1D (transposed weights), fused gate_up rows, split FFN, biases, GeGLU: the rewritten graph
+    (lowered with aot_eager to keep it cheap) equals eager hard mode on a ragged mask."""
+    model = lte.prepare(build(arch))
+    with torch.no_grad():
+        for r in lte.routers(model).values():
+            r.linear.weight.normal_(0, 0.5)
+    lte.set_mode(model, "hard")
+    x = ids(2, 6)
+    with torch.no_grad():
+        ref = run(model, x)
+        out = run(compile_lte(model, options={"lte.inner": "aot_eager"}), x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    rewritten = {m for r in lte_backend_mod.history for m in r.rewritten}
+    assert rewritten == set(lte.routers(model)), "every prepared FFN must be rewritten"
