@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .cluster import balanced_kmeans, expert_permutation
 from .config import MODES, Config
@@ -45,7 +46,8 @@ def prepare(model: nn.Module, config: Config | None = None, *, example_inputs: A
                                   "prepare a fresh model, or use lte.load to restore saved LTE state")
     report = _find(model, example_inputs)
     specs = plan_ffns(model, report, config, filter_fn)
-    for spec in specs:  # from here on the model changes; every check has passed
+    # From here on the model changes; every check has passed. The bar shows on terminals only.
+    for spec in tqdm(specs, desc="lte.prepare: clustering experts", unit="ffn", disable=None, leave=False):
         perm = _cluster(model, spec, config)
         permute_ffn_(model, spec, perm)
         if config.kernel_layout:
