@@ -12,6 +12,9 @@ the cached `.so` in ~10 ms, and concurrent processes wait on torch's file lock i
 twice. Flags: `-O3 -march=native` (AVX-512 / AVX2 as the machine has), no `-fopenmp`: threads come
 from `at::parallel_for` (FACTS.md: a second OpenMP runtime stalls torch ops).
 
+bf16 batches (T > 1, x and weights bf16) use AVX512-BF16 dot-product micro-kernels where the CPU
+and compiler have them (`bf16_dot_available()`), fp32 FMAs otherwise.
+
 When no compiler is available (or the build fails), `sparse_ffn_torch` is used with a warning:
 it is grouped by expert too, but pays one torch call per active expert.
 """
@@ -35,7 +38,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cflags() -> list[str]:
-    flags = ["-O3", "-march=native"]
+    # -fopenmp at compile time only: ATen's at::parallel_for is header-inline and is serial unless
+    # _OPENMP is defined (ParallelOpenMP.h). Nothing links libgomp: the GOMP_* symbols resolve to
+    # the libgomp torch already loaded, so there is one OpenMP pool (FACTS.md "CPU kernel facts").
+    flags = ["-O3", "-march=native", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         # GCC's AMD/Intel tunings prefer 256-bit vectors; the kernel's vector types are 512-bit,
         # and splitting them doubles the bf16 conversion work.
@@ -65,6 +71,13 @@ def load_extension():
 def extension_available() -> bool:
     """True if the C++ kernel is built (builds it on first call)."""
     return load_extension() is not None
+
+
+def bf16_dot_available() -> bool:
+    """True if bf16 batches run on the kernel's AVX512-BF16 (`vdpbf16ps`) micro-kernels: the
+    extension is built, was compiled with __AVX512BF16__ (-march=native) and the CPU has it."""
+    ext = load_extension()
+    return ext is not None and bool(getattr(ext, "bf16_dot_kernel", lambda: False)())
 
 
 def sparse_ffn_cpu(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
