@@ -9,8 +9,9 @@ The extension is compiled with `torch.utils.cpp_extension.load` on first use (~2
 torch's default extensions dir (`~/.cache/torch_extensions/<py>_<cpu>/lte_sparse_ffn_cpu`, or
 `$TORCH_EXTENSIONS_DIR`). torch keys the build on the source and flags, so later processes load
 the cached `.so` in ~10 ms, and concurrent processes wait on torch's file lock instead of building
-twice. Flags: `-O3 -march=native` (AVX-512 / AVX2 as the machine has), no `-fopenmp`: threads come
-from `at::parallel_for` (FACTS.md: a second OpenMP runtime stalls torch ops).
+twice. Flags: `-O3 -march=native` (AVX-512 / AVX2 as the machine has) and `-fopenmp` at compile
+time only, so `at::parallel_for` runs in parallel; nothing links a second libgomp (FACTS.md: a
+second OpenMP runtime stalls torch ops), the OpenMP calls bind to the one torch loaded.
 
 bf16 batches (T > 1, x and weights bf16) use AVX512-BF16 dot-product micro-kernels where the CPU
 and compiler have them (`bf16_dot_available()`), fp32 FMAs otherwise.
