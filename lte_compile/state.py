@@ -161,13 +161,10 @@ def _load_model_file(model: nn.Module, path: Path) -> None:
     state = load_file(str(path))
     with torch.no_grad():
         missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
-    # Tied weights (lm_head = embeddings) are saved once: a missing key that is tied is fine.
-    missing = [k for k in missing if not _is_tied(model, k, state)]
+    # Tied weights (lm_head = embeddings) are saved once: a missing key sharing storage with a
+    # loaded one is fine.
+    own = model.state_dict()
+    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
     if missing or unexpected:
         raise StateMismatchError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-
-
-def _is_tied(model: nn.Module, key: str, state: dict) -> bool:
-    t = model.state_dict().get(key)
-    return t is not None and any(v is not t and v.data_ptr() == t.data_ptr()
-                                 for k, v in model.state_dict().items() if k in state)

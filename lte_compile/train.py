@@ -30,6 +30,7 @@ from .controller import SparsityController
 from .data import TokenBatches
 from .errors import ConfigError, NotPreparedError
 from .losses import DEFAULT_EPS, DEFAULT_LAMBDA, GateStats, gate_stats, loss_terms, token_mask
+from .plan import routers
 from .telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -273,16 +274,10 @@ def task_loss(model: nn.Module, batch: dict[str, Tensor], loss_fn: LossFn | None
     return loss
 
 
-def _routers(model: nn.Module) -> dict[str, nn.Module]:
-    from .plan import routers
-
-    return routers(model)
-
-
 def _valid_gates(model: nn.Module, attention_mask: Tensor | None) -> dict[str, Tensor]:
     """Each router's last gates as [N valid tokens, E] (detached)."""
     out = {}
-    for k, r in _routers(model).items():
+    for k, r in routers(model).items():
         g = r.last_gates
         if g is None:
             continue
@@ -356,7 +351,7 @@ class _Run:
         self.rank, self.world = _dist()
         self.device = next(model.parameters()).device
         self.train_data, self.heldout = make_batches(data, cfg, self.rank, self.world, eval_data)
-        self.routers = _routers(model)
+        self.routers = routers(model)
         self.tau = next(iter(self.routers.values())).tau
         self.controller = (SparsityController(cfg.target_sparsity, cfg.sparsity_tolerance, cfg.controller_gain)
                            if cfg.target_sparsity is not None else None)
@@ -560,7 +555,7 @@ def forward_batches(model: nn.Module, batches: list[dict[str, Tensor]], task: st
 
     Returns (valid gates per layer [N, E], summed gate statistics or None in dense mode, mean task loss).
     """
-    rs = _routers(model)
+    rs = routers(model)
     tau = next(iter(rs.values())).tau if rs else 0.5
     device = next(model.parameters()).device
     was = model.training
