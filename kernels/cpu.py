@@ -6,12 +6,14 @@ Contract: `reference.sparse_ffn_reference` (same signature). Kernel: `csrc/spars
 Benchmark: `python -m lte_compile.kernels.bench`.
 
 The extension is compiled with `torch.utils.cpp_extension.load` on first use (~20-40 s cold) into
-torch's default extensions dir (`~/.cache/torch_extensions/<py>_<cpu>/lte_sparse_ffn_cpu`, or
-`$TORCH_EXTENSIONS_DIR`). torch keys the build on the source and flags, so later processes load
-the cached `.so` in ~10 ms, and concurrent processes wait on torch's file lock instead of building
-twice. Flags: `-O3 -march=native` (AVX-512 / AVX2 as the machine has) and `-fopenmp` at compile
-time only, so `at::parallel_for` runs in parallel; nothing links a second libgomp (FACTS.md: a
-second OpenMP runtime stalls torch ops), the OpenMP calls bind to the one torch loaded.
+torch's default extensions dir (`~/.cache/torch_extensions/<py>_<cpu>/lte_sparse_ffn_cpu_<isa>`,
+or `$TORCH_EXTENSIONS_DIR`). torch keys the build on the name, source and flags, so later processes
+load the cached `.so` in ~10 ms, and concurrent processes wait on torch's file lock instead of
+building twice. The ISA (`isa()`: avx512bf16 | avx512 | avx2 | x86-64, from the CPU's flags) is in
+the name and picks explicit `-march` levels, so a cache shared between machines never loads a
+build for another CPU. `-fopenmp` at compile time only, so `at::parallel_for` runs in parallel;
+nothing links a second libgomp (a second OpenMP runtime stalls torch ops), the OpenMP calls bind
+to the one torch loaded.
 
 bf16 batches (T > 1, x and weights bf16) use AVX512-BF16 dot-product micro-kernels where the CPU
 and compiler have them (`bf16_dot_available()`), fp32 FMAs otherwise.
@@ -38,16 +40,51 @@ _EXT_NAME = "lte_sparse_ffn_cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (`/proc/cpuinfo`), empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+_AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"})
+_AVX2 = frozenset({"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"})
+
+
+@functools.lru_cache(maxsize=1)
+def isa() -> tuple[str, tuple[str, ...]]:
+    """(tag, -march flags) of the vector ISA this CPU runs the kernel with.
+
+    The tag is part of the extension's name, so torch's build cache (keyed on the name, sources
+    and flags, not on the CPU) never hands a .so built for one ISA to a CPU of another: a build
+    for AVX-512 loaded on an AVX2-only CPU is undefined behaviour. Explicit ISA levels instead of
+    -march=native keep the flags, and so the cache key, a function of the ISA alone.
+    """
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "native", ("-march=native",)
+    flags = cpu_flags()
+    if _AVX512 <= flags and "avx512_bf16" in flags:
+        # GCC's AMD/Intel tunings prefer 256-bit vectors; the kernel's vector types are 512-bit,
+        # and splitting them doubles the bf16 conversion work.
+        return "avx512bf16", ("-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512")
+    if _AVX512 <= flags:
+        return "avx512", ("-march=x86-64-v4", "-mprefer-vector-width=512")
+    if _AVX2 <= flags:
+        return "avx2", ("-march=x86-64-v3",)
+    return "x86-64", ("-march=x86-64",)
+
+
 def _cflags() -> list[str]:
     # -fopenmp at compile time only: ATen's at::parallel_for is header-inline and is serial unless
     # _OPENMP is defined (ParallelOpenMP.h). Nothing links libgomp: the GOMP_* symbols resolve to
-    # the libgomp torch already loaded, so there is one OpenMP pool (FACTS.md "CPU kernel facts").
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        # GCC's AMD/Intel tunings prefer 256-bit vectors; the kernel's vector types are 512-bit,
-        # and splitting them doubles the bf16 conversion work.
-        flags.append("-mprefer-vector-width=512")
-    return flags
+    # the libgomp torch already loaded, so there is one OpenMP pool (a second runtime beside
+    # torch's oversubscribes the cores and stalls torch ops).
+    return ["-O3", *isa()[1], "-fopenmp"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +98,7 @@ def load_extension():
         return None
     try:
         from torch.utils.cpp_extension import load
-        return load(name=_EXT_NAME, sources=[_SOURCE], extra_cflags=_cflags(),
+        return load(name=f"{_EXT_NAME}_{isa()[0]}", sources=[_SOURCE], extra_cflags=_cflags(),
                     verbose=False)
     except Exception as e:  # a broken toolchain must not break the op: fall back, loudly
         warnings.warn(f"lte_compile: building the CPU sparse FFN kernel failed ({type(e).__name__}: "
@@ -76,7 +113,7 @@ def extension_available() -> bool:
 
 def bf16_dot_available() -> bool:
     """True if bf16 batches run on the kernel's AVX512-BF16 (`vdpbf16ps`) micro-kernels: the
-    extension is built, was compiled with __AVX512BF16__ (-march=native) and the CPU has it."""
+    extension is built for the avx512bf16 ISA (`isa()`) and the CPU has it."""
     ext = load_extension()
     return ext is not None and bool(getattr(ext, "bf16_dot_kernel", lambda: False)())
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .reference import activation, activation_backward, apply_gates_reference, expand_experts, expert_scale
+from .reference import activation, activation_backward, apply_gates_reference
 
 
 def _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode):
@@ -66,14 +66,14 @@ def _sparse_ffn_backward(ctx, dy):
     a_up = torch.nn.functional.linear(x, w_up, b_up)  # [T, N]
     a_gate = None if w_gate is None else torch.nn.functional.linear(x, w_gate, b_gate)
     h = activation(act, a_up) if a_gate is None else activation(act, a_gate) * a_up
-    scale = expand_experts(expert_scale(gates, ctx.mode, ctx.tau, h.dtype), B)  # [T, N]
+    gated = lambda t: apply_gates_reference(t, gates, B, ctx.mode, ctx.tau)  # noqa: E731  [T, N] scaled per expert
     d_hs = dy @ w_down.t()  # [T, N]
-    dw_down = (h * scale).t() @ dy  # [N, d_out]
+    dw_down = gated(h).t() @ dy  # [N, d_out]
     db_down = dy.sum(0) if ctx.has_b_down else None
     d_gates = None
     if ctx.mode == "soft":
         d_gates = (d_hs * h).reshape(T, E, B).sum(-1).to(gates.dtype)
-    dh = d_hs * scale
+    dh = gated(d_hs)
     if a_gate is None:
         d_up, d_gate = activation_backward(act, dh, a_up), None
     else:

@@ -55,14 +55,13 @@ def expert_scale(gates: Tensor, mode: str, tau: float, dtype: torch.dtype) -> Te
     raise ValueError(f"mode {mode!r} is not one of {MODES}")
 
 
-def expand_experts(scale: Tensor, expert_size: int) -> Tensor:
-    """[..., E] -> [..., E*B]: each expert's scale repeated over its B neurons."""
-    return scale.repeat_interleave(expert_size, dim=-1)
-
-
 def apply_gates_reference(h: Tensor, gates: Tensor, expert_size: int, mode: str, tau: float) -> Tensor:
-    """h: [..., E*B] intermediate activations, gates: [..., E] -> h scaled per expert."""
-    return h * expand_experts(expert_scale(gates, mode, tau, h.dtype), expert_size)
+    """h: [..., E*B] intermediate activations, gates: [..., E] -> h scaled per expert.
+
+    A broadcast over an [..., E, B] view: no [..., E*B] copy of the scale is materialised.
+    """
+    scale = expert_scale(gates, mode, tau, h.dtype).unsqueeze(-1)  # [..., E, 1]
+    return (h.unflatten(-1, (gates.shape[-1], expert_size)) * scale).flatten(-2)
 
 
 def ffn_hidden(x: Tensor, w_up: Tensor, w_gate: Tensor | None, b_up: Tensor | None,

@@ -16,3 +16,32 @@ settings.register_profile("ci", deadline=None, suppress_health_check=[HealthChec
 settings.register_profile("dev", deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("LTE_HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _global_torch_state() -> dict:
+    """Process-wide torch settings a test could leave changed for every later test (issue 7:
+    an op call that fails only after other modules ran is what a leak looks like)."""
+    return {
+        "default dtype": torch.get_default_dtype(),
+        "grad enabled": torch.is_grad_enabled(),
+        "inference mode": torch.is_inference_mode_enabled(),
+        "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+        "threads": torch.get_num_threads(),
+        # No public API lists active modes; a mode left on the stack changes every later op call.
+        "dispatch modes": torch._C._len_torch_dispatch_stack(),
+        "function modes": torch._C._len_torch_function_stack(),
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_global_state_leak():
+    """Every test leaves torch's global state as it found it."""
+    before = _global_torch_state()
+    yield
+    after = _global_torch_state()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, f"the test changed global torch state (before, after): {changed}"

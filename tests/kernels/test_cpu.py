@@ -133,3 +133,24 @@ def test_cpp_kernel_bf16_batch_ragged_large(T, d, d_out, B, glu):
     y = cpu.sparse_ffn_cpu(*case.args())
     assert_matches_naive(y, case, "C++ kernel, bf16 batch, ragged")
     assert torch.equal(y[3], case.b_down.to(torch.bfloat16)), "a token with no active expert gets b_down"
+
+
+@pytest.mark.parametrize("flags,tag", [
+    ({"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"}, "avx2"),
+    ({"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}, "avx512"),
+    ({"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd",
+      "avx512_bf16"}, "avx512bf16"),
+    ({"sse4_2"}, "x86-64"),
+])
+def test_build_is_keyed_by_the_cpus_isa(monkeypatch, flags, tag):
+    """Issue 7: the build cache is shared between machines, so the extension's name carries the
+    ISA it was compiled for and its flags name that ISA, never -march=native."""
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    cpu.isa.cache_clear()
+    try:
+        got, march = cpu.isa()
+        assert got == tag
+        assert "-march=native" not in march and all(f.startswith("-m") for f in march)
+    finally:
+        cpu.isa.cache_clear()
