@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m lte_compile.demo
+	$(VPY) -m lte_compile.small_lm.demo
 
 test: $(STAMP)
 	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
@@ -30,7 +30,7 @@ test-long: $(STAMP)
 	LTE_HYPOTHESIS_PROFILE=long TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest -q -p no:cacheprovider tests/kernels tests/api/test_cluster.py
 
 bench: $(STAMP)
-	$(VPY) -m lte_compile.cli bench
+	$(VPY) benchmarks/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

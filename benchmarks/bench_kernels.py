@@ -1,6 +1,6 @@
 """Benchmark: dense FFN vs the LTE sparse FFN op, side by side, with the ideal 1/(1-s) speedup.
 
-    python -m lte_compile.kernels.bench [--quick] [--out benchmarks/RESULTS.md]
+    python benchmarks/bench_kernels.py [--quick] [--out benchmarks/RESULTS.md]
     lte bench ...                      (the CLI calls `main(argv)`)
 
 Letters: T tokens, d model dim, d_ff = N = E*B neurons, E experts, B expert size, s sparsity.
@@ -178,7 +178,7 @@ def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
            f"- device: {device_name(dev)}",
            f"- torch {torch.__version__}, triton {getattr(sys.modules.get('triton'), '__version__', '-')}, "
            f"Python {platform.python_version()}",
-           f"- command: `{' '.join(['python -m lte_compile.kernels.bench'] + argv)}`",
+           f"- command: `{' '.join(['python benchmarks/bench_kernels.py'] + argv)}`",
            f"- weights rotated over {args.layers or '3 (7B) / 6 (small)'} layers per shape; variants interleaved; medians "
            f"[20%, 80%] in ms; expert size B={B}; hard mode; each token uses exactly (1-s)E experts.",
            "- speedup = dense / sparse; `of ideal` = speedup x (1 - s) (1.00 = the 1/(1-s) ideal). "

@@ -2,7 +2,7 @@
 
     TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python benchmarks/compile_time.py [--rounds 2] [--arch llama]
 
-The model is the demo's small LM shape (lte_compile.lm.ARCHS, random weights). Each round compiles
+The model is the demo's small LM shape (lte_compile.small_lm.model.ARCHS, random weights). Each round compiles
 both from cold (Inductor caches off), alternating which goes first; the first call (compile + one
 forward) is timed after a warm-up compile of a tiny MLP with each backend, and the median over
 rounds is reported with the ratio lte / inductor.
@@ -20,7 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import torch  # noqa: E402
 
 import lte_compile as lte  # noqa: E402
-from lte_compile.lm import ARCHS, build_model  # noqa: E402
+from lte_compile.small_lm.model import ARCHS, build_model  # noqa: E402
 
 
 def first_call_seconds(model, backend: str, ids: torch.Tensor) -> float:

@@ -1,8 +1,8 @@
 """LTE training under torchrun with DDP (gloo on CPU, nccl on CUDA).
 
     torchrun --nproc_per_node 2 examples/train_lte_ddp.py --steps1 40 --steps2 20
-`lte.train` sees WORLD_SIZE > 1, initialises the process group, wraps the model in DDP for each
-stage, gives each rank its own token windows, all-reduces the sparsity statistics and the logged
+The script starts the process group (torchrun's environment gives rank and world size);
+`lte.train` then sees it, wraps the model in DDP for each stage, gives each rank its own token windows, all-reduces the sparsity statistics and the logged
 losses, and applies the controller's bias shift identically on every rank. Rank 0 writes the
 log, plots and checkpoints.
 """
@@ -11,8 +11,8 @@ import argparse
 import torch
 
 import lte_compile as lte
-from lte_compile.lm import corpus_tokens, load_small_lm
-from lte_compile.train import TrainConfig, train
+from lte_compile.small_lm.model import corpus_tokens, load_small_lm
+from lte_compile.training import TrainConfig, train
 
 
 def main() -> None:
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/ddp")
     args = p.parse_args()
     torch.set_num_threads(1)  # one core per rank
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     model, tok = load_small_lm("llama")
     train_ids, val_ids = corpus_tokens(tok)
     lte.prepare(model, lte.Config(expert_size=32))
@@ -30,8 +31,9 @@ def main() -> None:
                                                  target_sparsity=args.target, batch_size=4, seq_len=256,
                                                  out_dir=args.out, checkpoint_every=20),
                    eval_data=val_ids)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
+    if torch.distributed.get_rank() == 0:
         print(f"held-out sparsity {result.sparsity:.3f} (target {args.target}), eval ppl {result.eval_ppl:.2f}")
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

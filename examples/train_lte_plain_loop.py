@@ -7,9 +7,9 @@ controller, checkpoints, DDP); this is the shape of it for people who keep their
 import torch
 
 import lte_compile as lte
-from lte_compile.data import TokenBatches
-from lte_compile.lm import corpus_tokens, load_small_lm
-from lte_compile.losses import gate_stats, loss_terms
+from lte_compile.training import TokenBatches, adamw_groups
+from lte_compile.small_lm.model import corpus_tokens, load_small_lm
+from lte_compile.training.losses import gate_stats, loss_terms
 
 
 def main(stage1_steps: int = 30, stage2_steps: int = 20, eta: float = 8.0) -> None:
@@ -22,12 +22,7 @@ def main(stage1_steps: int = 30, stage2_steps: int = 20, eta: float = 8.0) -> No
 
     # Stage 1: soft gates; routers in their own group (paper: lr 1e-2, weight decay 0.1).
     lte.set_mode(model, "soft")
-    router_params = [p for r in lte.routers(model).values() for p in r.parameters()]
-    ids = {id(p) for p in router_params}
-    opt = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if id(p) not in ids], "lr": 2e-4, "weight_decay": 0.0},
-        {"params": router_params, "lr": 1e-2, "weight_decay": 0.1},
-    ])
+    opt = torch.optim.AdamW(adamw_groups(model, lr=2e-4, router_lr=1e-2, router_weight_decay=0.1))
     for step in range(stage1_steps):
         batch = next(batches)
         out = model(**batch)
@@ -39,9 +34,9 @@ def main(stage1_steps: int = 30, stage2_steps: int = 20, eta: float = 8.0) -> No
 
     # Stage 2: hard mask, routers frozen, task loss only.
     lte.set_mode(model, "hard")
-    for p in router_params:
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for r in lte.routers(model).values():
+        r.requires_grad_(False)
+    opt = torch.optim.AdamW(adamw_groups(model, lr=1e-4))  # no router_lr: routers in no group
     for step in range(stage2_steps):
         batch = next(batches)
         loss = model(**batch).loss

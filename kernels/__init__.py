@@ -2,7 +2,7 @@
 
 Importing this package registers `torch.ops.lte.sparse_ffn` and `torch.ops.lte.apply_gates`.
 """
-from .ops import apply_gates, sparse_ffn
+from .ops import ACTIVATIONS, MODES, ApplyGatesArgs, apply_gates, sparse_ffn
 from .reference import sparse_ffn_reference
 
-__all__ = ["sparse_ffn", "apply_gates", "sparse_ffn_reference"]
+__all__ = ["ACTIVATIONS", "MODES", "ApplyGatesArgs", "sparse_ffn", "apply_gates", "sparse_ffn_reference"]

@@ -3,7 +3,7 @@
 Letters: T tokens, d model dim, d_out output dim, E experts, B expert size, N = E*B, s sparsity.
 
 Contract: `reference.sparse_ffn_reference` (same signature). Kernel: `csrc/sparse_ffn_cpu.cpp`.
-Benchmark: `python -m lte_compile.kernels.bench`.
+Benchmark: `python benchmarks/bench_kernels.py`.
 
 The extension is compiled with `torch.utils.cpp_extension.load` on first use (~20-40 s cold) into
 torch's default extensions dir (`~/.cache/torch_extensions/<py>_<cpu>/lte_sparse_ffn_cpu_<isa>`,

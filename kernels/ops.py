@@ -12,11 +12,15 @@ autograd formula for soft and hard mode. In hard mode the 0/1 mask has no gradie
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor
 
 from . import dispatch
-from .reference import activation, activation_backward, apply_gates_reference
+from .reference import ACTIVATIONS, MODES, activation, activation_backward, apply_gates_reference
+
+__all__ = ["ACTIVATIONS", "MODES", "ApplyGatesArgs", "apply_gates", "sparse_ffn"]
 
 
 def _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode):
@@ -31,8 +35,8 @@ def _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
     torch._check(w_down.shape[0] == n, lambda: f"lte::sparse_ffn: w_down must be [N={n}, d_out], got {tuple(w_down.shape)}")
     if w_gate is not None:
         torch._check(w_gate.shape == w_up.shape, lambda: "lte::sparse_ffn: w_gate and w_up differ in shape")
-    torch._check(act in ("relu", "gelu", "gelu_tanh", "silu"), lambda: f"lte::sparse_ffn: unknown act {act!r}")
-    torch._check(mode in ("soft", "hard"), lambda: f"lte::sparse_ffn: mode must be soft|hard, got {mode!r}")
+    torch._check(act in ACTIVATIONS, lambda: f"lte::sparse_ffn: unknown act {act!r}, not one of {ACTIVATIONS}")
+    torch._check(mode in MODES, lambda: f"lte::sparse_ffn: mode must be one of {MODES}, got {mode!r}")
 
 
 @torch.library.custom_op("lte::sparse_ffn", mutates_args=())
@@ -92,6 +96,44 @@ def _sparse_ffn_backward(ctx, dy):
 sparse_ffn.register_autograd(_sparse_ffn_backward, setup_context=_sparse_ffn_setup)
 
 
+class ApplyGatesArgs(NamedTuple):
+    """The argument layout of `lte::apply_gates(h, gates, expert_size, mode, tau)`, by name.
+
+    Passes that find the marker in an FX graph decode its arguments here instead of by position:
+    `ApplyGatesArgs.from_node(node)` (or `.from_node_args(node.args, node.kwargs)`). `h` and
+    `gates` are whatever the node carries (fx Nodes in a graph, tensors in a call).
+    """
+
+    h: Any
+    gates: Any
+    expert_size: int
+    mode: str
+    tau: float
+
+    @classmethod
+    def from_node_args(cls, args: tuple, kwargs: dict | None = None) -> "ApplyGatesArgs":
+        """Positional `args` then keyword `kwargs` (an fx node's `.args` / `.kwargs`) -> fields."""
+        kwargs = dict(kwargs or {})
+        if len(args) > len(cls._fields):
+            raise TypeError(f"lte::apply_gates takes {len(cls._fields)} arguments, got {len(args)}")
+        values = dict(zip(cls._fields, args))
+        for name, value in kwargs.items():
+            if name not in cls._fields:
+                raise TypeError(f"lte::apply_gates has no argument {name!r} (arguments: {cls._fields})")
+            if name in values:
+                raise TypeError(f"lte::apply_gates: argument {name!r} given twice")
+            values[name] = value
+        missing = [f for f in cls._fields if f not in values]
+        if missing:
+            raise TypeError(f"lte::apply_gates: missing arguments {missing}")
+        return cls(**values)
+
+    @classmethod
+    def from_node(cls, node) -> "ApplyGatesArgs":
+        """The arguments of an fx node calling `torch.ops.lte.apply_gates` (any overload)."""
+        return cls.from_node_args(tuple(node.args), dict(node.kwargs))
+
+
 @torch.library.custom_op("lte::apply_gates", mutates_args=())
 def apply_gates(h: Tensor, gates: Tensor, expert_size: int, mode: str, tau: float) -> Tensor:
     """h: [..., E*B], gates: [..., E] -> h scaled by the gate (soft) or the mask gates > tau (hard)."""
@@ -102,7 +144,7 @@ def apply_gates(h: Tensor, gates: Tensor, expert_size: int, mode: str, tau: floa
 def _(h, gates, expert_size, mode, tau):
     torch._check(h.shape[-1] == gates.shape[-1] * expert_size,
                  lambda: f"lte::apply_gates: h has {h.shape[-1]} neurons, gates {gates.shape[-1]} experts of {expert_size}")
-    torch._check(mode in ("soft", "hard"), lambda: f"lte::apply_gates: mode must be soft|hard, got {mode!r}")
+    torch._check(mode in MODES, lambda: f"lte::apply_gates: mode must be one of {MODES}, got {mode!r}")
     return torch.empty_like(h)
 
 

@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
-MODES = ("soft", "hard")
+# The op contract's names, defined once here (the module that gives each its meaning; ops.py
+# imports this module, so defining them there would be an import cycle). Everything else imports
+# them from `lte_compile.kernels` (ops re-exports them); the C++ `act_code` is checked against
+# ACTIVATIONS by tests/kernels/test_cpu.py.
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # FFN activation names accepted by lte::sparse_ffn
+MODES = ("soft", "hard")  # gate modes of lte::sparse_ffn / lte::apply_gates
 
 
 def activation(name: str, a: Tensor) -> Tensor:

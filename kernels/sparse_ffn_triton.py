@@ -4,7 +4,7 @@ Letters: T tokens, d model dim, d_out output dim, E experts, B expert size (neur
 N = E*B neurons, s sparsity, P (token, expert) pairs, BM rows per grouped tile.
 
 Contract: `reference.sparse_ffn_reference` (same signature as `sparse_ffn_triton`).
-Tests: tests/kernels/test_sparse_ffn_triton.py. Benchmark: `python -m lte_compile.kernels.bench`;
+Tests: tests/kernels/test_sparse_ffn_triton.py. Benchmark: `python benchmarks/bench_kernels.py`;
 `python -m lte_compile.kernels.sparse_ffn_triton` runs a check and a small timing on CUDA.
 
 Two paths, chosen by token count (`DECODE_MAX_T`):
@@ -37,8 +37,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import ACTIVATIONS
+
 DECODE_MAX_T = 8
+# ACT constexpr of `_act` per activation name; the names are the op's (reference.ACTIVATIONS).
 _ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+if set(_ACT_CODES) != set(ACTIVATIONS):  # a new activation needs a branch in `_act` first
+    raise ImportError(f"sparse_ffn_triton implements {sorted(_ACT_CODES)}, the op accepts {ACTIVATIONS}")
 
 
 def _interpreting() -> bool:

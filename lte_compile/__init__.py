@@ -7,33 +7,30 @@
     lte.train(model, token_ids, lte.TrainConfig(target_sparsity=0.5))   # stage 1 + stage 2
     fast = torch.compile(model, backend="lte")   # router + gathered sparse FFN kernels
 
-Importing registers the `lte::` custom ops and nothing else (no prints, no global settings).
+The pipeline's stages are sub-packages: `passes` (trace, match, rewrite, cost), `plan` (prepare,
+routers, save/load), `kernels` (the lte ops and their kernels), `training` (the two-stage driver);
+`small_lm` is the project's own Shakespeare LM (imported only on demand). Importing registers the
+`lte::` custom ops and nothing else (no prints, no global settings); the training names load on
+first use, so `torch.compile(backend="lte")` never imports the training stack.
 """
 from .config import Config
-from .controller import SparsityController
-from .data import TokenBatches
 from .errors import ConfigError, LTEError, NotPreparedError, StateMismatchError, UnsupportedFFNError
-from .lm import load_small_lm
-from .losses import GateStats, LossTerms, gate_stats, loss_terms
-from .plan import apply_kernel_layout, gates, get_mode, is_prepared, prepare, routers, set_mode
-from .router import LTERouter
-from .state import load, save
-from .train import TrainConfig, TrainResult, evaluate, train
+from .plan import apply_kernel_layout, gates, get_mode, is_prepared, load, prepare, routers, save, set_mode
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Config", "prepare", "set_mode", "get_mode", "routers", "gates", "is_prepared", "save", "load",
-    "apply_kernel_layout",
-    "LTERouter", "LTEError", "ConfigError", "UnsupportedFFNError", "StateMismatchError", "NotPreparedError",
-    "train", "TrainConfig", "TrainResult", "evaluate", "loss_terms", "LossTerms", "gate_stats", "GateStats",
-    "SparsityController", "TokenBatches", "load_small_lm", "LTETrainer", "LTETrainerCallback",
-]
+# name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {"train": "training", "evaluate": "training", "TrainConfig": "training", "TrainResult": "training",
+         "LTETrainer": "training.trainer", "LTETrainerCallback": "training.trainer"}
+
+__all__ = ["Config", "prepare", "set_mode", "get_mode", "routers", "gates", "is_prepared", "save", "load",
+           "apply_kernel_layout", "LTEError", "ConfigError", "UnsupportedFFNError", "StateMismatchError",
+           "NotPreparedError", *_LAZY]
 
 
 def __getattr__(name: str):
-    # The Trainer integration imports transformers.Trainer and accelerate: only on first use.
-    if name in ("LTETrainer", "LTETrainerCallback"):
-        from . import trainer
-        return getattr(trainer, name)
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'lte_compile' has no attribute {name!r}")

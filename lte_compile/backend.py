@@ -7,7 +7,8 @@ Dynamo hands us one graph per compiled region (and per recompile: the pass is id
 graph) become one `lte::sparse_ffn` call each; the graph then goes to Inductor's `compile_fx`,
 which runs AOTAutograd itself, so training through the compiled model uses the op's autograd.
 Rewriting before AOTAutograd (not in a post-grad hook) is what makes backward work and keeps the
-rewritten graph in Inductor's cache key without uuid bookkeeping (FACTS.md).
+rewritten graph in Inductor's cache key without uuid bookkeeping
+(a post-grad pass would run after the backward graph exists, too late for `register_autograd`).
 
 Options (`lte.*` keys; every other key goes to Inductor as a config patch):
 - `lte.rewrite` (bool, True): False compiles exactly like Inductor (FFNs still reported).

@@ -4,7 +4,7 @@
     lte inspect my_pkg.models:build_model         (a callable returning a module, or (module, inputs))
     lte train [--model llama --target 0.5 ...]    (LTE stage 1 + 2 on the project's small LM)
     lte eval --lte-dir runs/train/lte             (held-out perplexity and sparsity, dense vs LTE)
-    lte bench [--quick ...]                       (kernels/bench.py)
+    lte bench [--quick ...]                       (benchmarks/bench_kernels.py, from a source checkout)
     lte demo                                      (what `make demo` runs)
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import runpy
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def inspect_model(model: nn.Module, example_inputs: Any = None, *, sparsity: flo
                   expert_size: int = 32, bytes_per_param: int = 2) -> str:
     """A table per FFN (path, form, activation, sizes, experts, FLOPs and bytes per step) + near misses."""
     from .passes import ffn_cost, find_ffns_in_model
-    from .plan import example_args
+    from .plan.prepare import example_args
 
     args, kwargs = example_args(model, example_inputs)
     with torch.no_grad():
@@ -80,16 +81,33 @@ def inspect_model(model: nn.Module, example_inputs: Any = None, *, sparsity: flo
     return "\n".join(lines)
 
 
+# Subcommands that own their argument parsers: name -> (help, module, function); module None runs
+# a script of the checkout's benchmarks/ folder.
+DELEGATED = {
+    "train": ("LTE stage 1 + 2 to a target sparsity (lte train --help)", ".training.cli", "main_train"),
+    "eval": ("held-out perplexity and sparsity, dense vs LTE (lte eval --help)", ".training.cli", "main_eval"),
+    "bench": ("sparse vs dense FFN kernel benchmark (lte bench --help)", None, "bench_kernels.py"),
+    "demo": ("the end-to-end demo `make demo` runs (lte demo --help)", ".small_lm.demo", "main"),
+}
+
+
 def _delegate(command: str, argv: list[str]) -> int:
     """Subcommands that own their argument parsers."""
-    if command == "bench":
-        from .kernels.bench import main as run
-    elif command == "demo":
-        from .demo import main as run
-    else:
-        from . import train_cli
-        run = train_cli.main_train if command == "train" else train_cli.main_eval
-    return run(argv) or 0
+    module, function = DELEGATED[command][1:]
+    if module is None:
+        return _run_benchmark(function, argv)
+    return getattr(importlib.import_module(module, __package__), function)(argv) or 0
+
+
+def _run_benchmark(script: str, argv: list[str]) -> int:
+    """Benchmarks live in the source checkout's benchmarks/ (not in the wheel)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / script
+    if not path.exists():
+        raise SystemExit(f"lte bench: {path} not found; benchmarks ship with the source repository "
+                         "(git clone it and `pip install -e .`)")
+    sys.argv = [str(path), *argv]
+    runpy.run_path(str(path), run_name="__main__")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,14 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--tokens", type=int, default=1, help="tokens per step T (default 1: decode)")
     ins.add_argument("--expert-size", type=int, default=32, help="neurons per expert B (default 32)")
     ins.add_argument("--bytes-per-param", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
-    delegated = {"train": "LTE stage 1 + 2 to a target sparsity (lte train --help)",
-                 "eval": "held-out perplexity and sparsity, dense vs LTE (lte eval --help)",
-                 "bench": "sparse vs dense FFN kernel benchmark (lte bench --help)",
-                 "demo": "the end-to-end demo `make demo` runs (lte demo --help)"}
-    for name, text in delegated.items():
+    for name, (text, _, _) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command in delegated:
+    if args.command in DELEGATED:
         return _delegate(args.command, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -26,6 +26,3 @@ class StateMismatchError(LTEError):
 class NotPreparedError(LTEError):
     """An LTE operation needs a model that went through `lte.prepare` first."""
 
-
-class KernelUnavailableError(LTEError):
-    """The requested kernel cannot run here (no GPU, no compiler, ...)."""

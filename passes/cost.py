@@ -6,7 +6,7 @@ is compared with). Symbols: T tokens in the batch, s sparsity (fraction of exper
 - FLOPs: dense `2 T (n_in d d_ff + d_ff d_out)` (n_in = 2 for GLU: gate and up); sparse
   `(1 - s)` of that plus the router `2 T d E` (E = d_ff / B experts).
 - Bytes: dense reads every weight once per batch. Sparse reads an expert block if any token needs
-  it: with independent masks a block is read with probability `1 - s^T` (FACTS.md "Batch > 1"),
+  it: with independent masks a block is read with probability `1 - s^T` (the fraction of blocks some token of T needs),
   plus the router weight. At T = 1 that is `(1 - s)`: decode is where LTE saves time.
 Biases are left out: O(d_ff) next to O(d d_ff) weights.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import sympy
 
 T, s = sympy.symbols("T s", positive=True)
+_TOKENS, _SPARSITY = T, s  # the symbols, under names `evaluate`'s arguments do not shadow
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class FFNCost:
 
     def evaluate(self, T: int = 1, s: float = 0.5) -> dict[str, float]:
         """Each expression at T tokens and sparsity s, e.g. `{"flops_dense": 49152.0, ...}`."""
-        subs = {globals()["T"]: T, globals()["s"]: s}
+        subs = {_TOKENS: T, _SPARSITY: s}
         return {name: float(getattr(self, name).subs(subs))
                 for name in ("flops_dense", "flops_sparse", "bytes_dense", "bytes_sparse")}
 

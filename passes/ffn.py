@@ -11,7 +11,52 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+from lte_compile.kernels import ACTIVATIONS  # noqa: E402  the op's activation names (one owner)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Where one FFN projection's weights live in the model, and the neuron-axis rule.
+
+    The one owner of "which axis of a stored weight indexes the FFN's d_ff neurons": the output
+    axis of up/gate (axis 0 of an [out, in] weight, 1 when `transposed`, GPT-2 Conv1D [in, out]),
+    the input axis of down. `rows` selects a slice of a fused weight's outputs (Phi-3 gate_up),
+    `(start, stop)` in the un-transposed [out, in] orientation. Serialisable: `lte.save` stores it.
+    """
+
+    weight: str
+    bias: str | None = None
+    transposed: bool = False
+    rows: tuple[int, int] | None = None
+    down: bool = False  # the down projection: neurons are its inputs
+
+    @property
+    def module(self) -> str:
+        """Path of the module owning the weight ('' for the root)."""
+        return self.weight.rpartition(".")[0]
+
+    @property
+    def neuron_axis(self) -> int:
+        """Axis of the stored weight that indexes the d_ff neurons."""
+        return (0 if self.transposed else 1) if self.down else (1 if self.transposed else 0)
+
+    def neuron_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """The stored weight as [N, other] neuron rows (a view; fused slice applied)."""
+        w = w if self.neuron_axis == 0 else w.t()
+        return w if self.rows is None else w[self.rows[0]:self.rows[1]]
+
+    def bias_rows(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias entries of these neurons (down's bias is per output: unchanged)."""
+        return b if b is None or self.rows is None or self.down else b[self.rows[0]:self.rows[1]]
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight, "bias": self.bias, "transposed": self.transposed,
+                "rows": list(self.rows) if self.rows else None, "down": self.down}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Projection":
+        return cls(d["weight"], d.get("bias"), bool(d.get("transposed", False)),
+                   tuple(d["rows"]) if d.get("rows") is not None else None, bool(d.get("down", False)))
 
 
 @dataclass
@@ -33,6 +78,12 @@ class LinearRef:
     transposed: bool = False  # weight stored [in, out] (GPT-2 Conv1D, matmul with W)
     rows: tuple[int, int] | None = None
     node: fx.Node | None = None  # the node computing this projection's output
+
+    def projection(self, down: bool = False) -> Projection | None:
+        """The serialisable record of this projection (None if its weight has no parameter path)."""
+        if self.weight_path is None:
+            return None
+        return Projection(self.weight_path, self.bias_path, self.transposed, self.rows, down)
 
 
 @dataclass

@@ -131,7 +131,7 @@ def source_path(source_name: str) -> str | None:
 
     `L['args'][0]._modules['model']._modules['layers']._modules['0']._parameters['weight']`
     -> `model.layers.0.weight`. The root (`L['self']`, `L['args'][0]`, ...) differs between
-    models (FACTS.md), so it is recognised by shape rather than spelled out.
+    models, so it is recognised by shape rather than spelled out.
     """
     root = _SOURCE_ROOT.match(source_name)
     if root is None:

@@ -22,38 +22,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx
 
-from .ffn import FFNMatch, FFNReport, LinearRef
+from .ffn import FFNMatch, FFNReport, LinearRef, Projection
 
 logger = logging.getLogger(__name__)
 
 _DROPOUTS = {torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default}
 
 
-def _neuron_rows(w: Tensor, transposed: bool, rows: tuple[int, int] | None) -> Tensor:
-    """A projection weight as [N, d] neuron rows (a view: no copy when stored in kernel layout)."""
-    w = w.t() if transposed else w
-    return w if rows is None else w[rows[0]:rows[1]]
-
-
-def _bias_rows(b: Tensor | None, rows: tuple[int, int] | None) -> Tensor | None:
-    return b if b is None or rows is None else b[rows[0]:rows[1]]
-
-
 def lte_ffn_region(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
                    b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, *,
-                   act: str, expert_size: int, mode: str, tau: float, up_transposed: bool,
-                   gate_transposed: bool, down_transposed: bool, up_rows: tuple[int, int] | None,
-                   gate_rows: tuple[int, int] | None) -> Tensor:
-    """x: [..., d], gates: [..., E] -> y: [..., d_out] through `lte::sparse_ffn` on [T, d] tokens."""
-    d_out = w_down.shape[1] if down_transposed else w_down.shape[0]
+                   act: str, expert_size: int, mode: str, tau: float, up: Projection,
+                   gate: Projection | None, down: Projection) -> Tensor:
+    """x: [..., d], gates: [..., E] -> y: [..., d_out] through `lte::sparse_ffn` on [T, d] tokens.
+
+    `up`/`gate`/`down` say how each stored weight maps to the op's [N, d] / [N, d_out] neuron rows
+    (views: no copy when the weights are stored in kernel layout)."""
+    w_down_rows = down.neuron_rows(w_down)  # [N, d_out]
     y = torch.ops.lte.sparse_ffn(
-        x.reshape(-1, x.shape[-1]), gates.reshape(-1, gates.shape[-1]),
-        _neuron_rows(w_up, up_transposed, up_rows),
-        None if w_gate is None else _neuron_rows(w_gate, gate_transposed, gate_rows),
-        w_down if down_transposed else w_down.t(),  # [N, d_out]
-        _bias_rows(b_up, up_rows), _bias_rows(b_gate, gate_rows), b_down,
+        x.reshape(-1, x.shape[-1]), gates.reshape(-1, gates.shape[-1]), up.neuron_rows(w_up),
+        None if w_gate is None else gate.neuron_rows(w_gate), w_down_rows,
+        up.bias_rows(b_up), None if gate is None else gate.bias_rows(b_gate), b_down,
         act, expert_size, mode, tau)
-    return y.reshape(*x.shape[:-1], d_out)
+    return y.reshape(*x.shape[:-1], w_down_rows.shape[1])
 
 
 @dataclass
@@ -129,14 +119,18 @@ def _weight(ref: LinearRef | None) -> tuple[fx.Node | None, fx.Node | None]:
     return (None, None) if ref is None else (ref.weight_node, ref.bias_node)
 
 
+def _layout(ref: LinearRef, down: bool = False) -> Projection:
+    """The projection's neuron layout (the weight path is only a label here: the graph passes the tensor)."""
+    return Projection(ref.weight_path or ref.weight_node.name, ref.bias_path, ref.transposed, ref.rows, down)
+
+
 def _rewrite_one(graph: fx.Graph, m: FFNMatch) -> None:
     w_up, b_up = _weight(m.up)
     w_gate, b_gate = _weight(m.gate)
     w_down, b_down = _weight(m.down)
     kwargs = dict(act=m.activation, expert_size=m.expert_size, mode=m.mode, tau=m.tau,
-                  up_transposed=m.up.transposed, gate_transposed=bool(m.gate and m.gate.transposed),
-                  down_transposed=m.down.transposed, up_rows=m.up.rows,
-                  gate_rows=m.gate.rows if m.gate is not None else None)
+                  up=_layout(m.up), gate=_layout(m.gate) if m.gate is not None else None,
+                  down=_layout(m.down, down=True))
     with graph.inserting_before(m.output_node):
         new = graph.call_function(lte_ffn_region, (m.input_node, m.gates_node, w_up, w_gate, w_down,
                                                    b_up, b_gate, b_down), kwargs)

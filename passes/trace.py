@@ -2,7 +2,7 @@
 
 `capture_graphs` is how `lte.prepare` and `lte inspect` see a model the way the backend will:
 it runs the model once through `torch.compile` with a recording backend. HF models do not
-`symbolic_trace` in transformers v5; Dynamo and export do (FACTS.md).
+`symbolic_trace` in transformers v5; Dynamo and export do (`transformers.utils.fx` is gone; symbolic_trace fails on HF decoder layers).
 """
 from __future__ import annotations
 

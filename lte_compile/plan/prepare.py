@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..config import MODES, Config
+from ..errors import ConfigError, NotPreparedError, UnsupportedFFNError
+from ..passes.ffn import FFNMatch, FFNReport
 from .cluster import balanced_kmeans, expert_permutation
-from .config import MODES, Config
-from .errors import ConfigError, NotPreparedError, UnsupportedFFNError
-from .passes.ffn import FFNMatch, FFNReport
-from .router import FFNSpec, GateHook, LTERouter, RouteHook
+from .layout import kernel_layout_, permute_ffn_
+from .router import GateHook, LTERouter, RouteHook
+from .spec import FFNSpec
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +88,22 @@ def gates(model: nn.Module) -> dict[str, Tensor]:
     return {k: r.last_gates for k, r in routers(model).items() if r.last_gates is not None}
 
 
+def config_of(model: nn.Module) -> Config:
+    """The `Config` the model was prepared (or loaded) with: the one owner of tau and expert size."""
+    cfg = getattr(model, "lte_config", None)
+    if not isinstance(cfg, Config):
+        _require_routers(model)  # a clear NotPreparedError for an unprepared model
+        raise NotPreparedError(f"{type(model).__name__} has routers but no lte_config: prepare it with lte.prepare")
+    return cfg
+
+
 def is_prepared(model: nn.Module) -> bool:
     return any(isinstance(m, LTERouter) for m in model.modules())
 
 
 # ----------------------------------------------------------------------------- planning
 def _find(model: nn.Module, example_inputs: Any) -> FFNReport:
-    from .passes import find_ffns_in_model
+    from ..passes import find_ffns_in_model
 
     args, kwargs = example_args(model, example_inputs)
     was_training = model.training
@@ -159,34 +170,23 @@ def spec_from_match(model: nn.Module, m: FFNMatch, config: Config) -> FFNSpec:
     for role, ref in (("up", m.up), ("down", m.down), ("gate", m.gate)):
         if ref is not None and ref.weight_path is None:
             raise UnsupportedFFNError(f"{where}: the {role} projection's weight is not a parameter of the model")
-    up_mod, down_mod = _module_of(m.up.weight_path), _module_of(m.down.weight_path)
-    gate_mod = _module_of(m.gate.weight_path) if m.gate is not None else None
-    for role, path in (("up", up_mod), ("down", down_mod), ("gate", gate_mod)):
-        if path is not None and not _is_projection(model.get_submodule(path)):
+    spec = FFNSpec(name=m.module, up=m.up.projection(), down=m.down.projection(down=True),
+                   gate=m.gate.projection() if m.gate is not None else None, activation=m.activation,
+                   glu=m.glu, d_model=m.d_model, d_ff=m.d_ff, d_out=m.d_out, form=m.form)
+    for role, proj in spec.projections().items():
+        owner = model.get_submodule(proj.module)
+        if not _is_projection(owner):
             raise UnsupportedFFNError(
-                f"{where}: the {role} weight belongs to {path or '<root>'} "
-                f"({type(model.get_submodule(path)).__name__}), not to a projection module (nn.Linear/Conv1D); "
+                f"{where}: the {role} weight belongs to {proj.module or '<root>'} "
+                f"({type(owner).__name__}), not to a projection module (nn.Linear/Conv1D); "
                 "LTE's eager forward hooks need projection modules; on_unsupported='skip' keeps it dense")
-    return FFNSpec(
-        name=m.module, up_module=up_mod, down_module=down_mod, gate_module=gate_mod,
-        up_weight=m.up.weight_path, down_weight=m.down.weight_path,
-        gate_weight=m.gate.weight_path if m.gate is not None else None,
-        up_bias=m.up.bias_path, down_bias=m.down.bias_path,
-        gate_bias=m.gate.bias_path if m.gate is not None else None,
-        up_transposed=m.up.transposed, down_transposed=m.down.transposed,
-        gate_transposed=m.gate.transposed if m.gate is not None else False,
-        up_rows=m.up.rows, gate_rows=m.gate.rows if m.gate is not None else None,
-        activation=m.activation, glu=m.glu, d_model=m.d_model, d_ff=m.d_ff, d_out=m.d_out, form=m.form)
+    return spec
 
 
 def _is_projection(module: nn.Module) -> bool:
     """A leaf module whose parameters are `weight` (+ `bias`) and whose first input is x."""
     names = {n for n, _ in module.named_parameters(recurse=False)}
     return not list(module.children()) and "weight" in names and names <= {"weight", "bias"}
-
-
-def _module_of(param_path: str) -> str:
-    return param_path.rpartition(".")[0]
 
 
 def _owner(model: nn.Module, path: str) -> nn.Module:
@@ -197,63 +197,12 @@ def _divisor_near(n: int, b: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - b))
 
 
-# ----------------------------------------------------------------------------- clustering & permuting
-def _rows(model: nn.Module, path: str, transposed: bool, rows: tuple[int, int] | None) -> Tensor:
-    """The [d_ff, d] neuron rows of a projection weight (un-transposed, fused slice applied)."""
-    w = model.get_parameter(path).detach()
-    w = w.t() if transposed else w
-    return w[rows[0]:rows[1]] if rows is not None else w
-
-
 def _cluster(model: nn.Module, spec: FFNSpec, config: Config) -> Tensor:
     """Expert permutation from balanced k-means on W_gate rows (GLU) or W_up rows."""
-    if spec.glu:
-        rows = _rows(model, spec.gate_weight, spec.gate_transposed, spec.gate_rows)
-    else:
-        rows = _rows(model, spec.up_weight, spec.up_transposed, spec.up_rows)
+    proj = spec.gate if spec.glu else spec.up
+    rows = proj.neuron_rows(model.get_parameter(proj.weight).detach())
     labels = balanced_kmeans(rows, spec.d_ff // config.expert_size, config.kmeans_iters, config.seed)
     return expert_permutation(labels)
-
-
-@torch.no_grad()
-def _permute_param(p: Tensor, perm: Tensor, dim: int, rows: tuple[int, int] | None = None) -> None:
-    """Reorder `p` along `dim` in place (the Parameter object is kept; only values move)."""
-    perm = perm.to(p.device)
-    view = p if rows is None else p.narrow(dim, rows[0], rows[1] - rows[0])
-    view.copy_(view.index_select(dim, perm))
-
-
-def permute_ffn_(model: nn.Module, spec: FFNSpec, perm: Tensor) -> None:
-    """Apply a neuron permutation to the FFN's weights: the function is unchanged."""
-    for w, b, rows, transposed in ((spec.up_weight, spec.up_bias, spec.up_rows, spec.up_transposed),
-                                   (spec.gate_weight, spec.gate_bias, spec.gate_rows, spec.gate_transposed)):
-        if w is None:
-            continue
-        _permute_param(model.get_parameter(w), perm, 1 if transposed else 0, rows)
-        if b is not None:
-            _permute_param(model.get_parameter(b), perm, 0, rows)
-    down_dim = 0 if spec.down_transposed else 1
-    _permute_param(model.get_parameter(spec.down_weight), perm, down_dim)
-
-
-@torch.no_grad()
-def kernel_layout_(model: nn.Module, spec: FFNSpec) -> None:
-    """Store W_down (and a Conv1D W_up) so that each neuron's weights are one contiguous row.
-
-    The sparse kernels read an expert as one contiguous [B, d] block of `w_up` and of `w_down^T`.
-    An nn.Linear down weight is [d_out, d_ff]: we keep its shape and values but give it column-major
-    strides, so `weight.t()` (what the rewrite passes to the op) is contiguous and free. Dense
-    matmuls accept either layout; `.to()` and HF save_pretrained preserve it (raw safetensors
-    `save_file` needs `.contiguous()`, which lte.save does).
-    """
-    for path, neuron_dim in ((spec.down_weight, 0 if spec.down_transposed else 1),
-                             (spec.up_weight if spec.up_rows is None else None, 1 if spec.up_transposed else 0),
-                             (spec.gate_weight if spec.gate_rows is None else None, 1 if spec.gate_transposed else 0)):
-        if path is None:
-            continue
-        p = model.get_parameter(path)
-        if p.dim() == 2 and neuron_dim == 1 and not p.t().is_contiguous():
-            p.data = p.data.t().contiguous().t()
 
 
 def apply_kernel_layout(model: nn.Module) -> nn.Module:
@@ -266,15 +215,14 @@ def apply_kernel_layout(model: nn.Module) -> nn.Module:
 
 def attach_router(model: nn.Module, spec: FFNSpec, config: Config, *, permutation: Tensor | None = None) -> LTERouter:
     """Create the FFN's router under its owner module and register the two forward hooks."""
-    ref = model.get_parameter(spec.up_weight)
+    ref = model.get_parameter(spec.up.weight)
     router = LTERouter(spec, config.expert_size, config.tau, device=ref.device, dtype=ref.dtype)
     _init_router(router, config)
     if permutation is not None:
         router.permutation.copy_(permutation)
     router_home(model, spec).add_module(ROUTER_ATTR, router)
-    handles = [model.get_submodule(spec.up_module).register_forward_hook(RouteHook(router)),
-               model.get_submodule(spec.down_module).register_forward_pre_hook(GateHook(router))]
-    router._lte_hook_handles = handles
+    model.get_submodule(spec.up.module).register_forward_hook(RouteHook(router))
+    model.get_submodule(spec.down.module).register_forward_pre_hook(GateHook(router))
     return router
 
 
@@ -283,7 +231,7 @@ def router_home(model: nn.Module, spec: FFNSpec) -> nn.Module:
     iterates its children (nn.Sequential would call the router as a layer): then the up projection."""
     owner = _owner(model, spec.name)
     if isinstance(owner, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        return model.get_submodule(spec.up_module)
+        return model.get_submodule(spec.up.module)
     return owner
 
 
@@ -302,13 +250,3 @@ def _require_routers(model: nn.Module) -> dict[str, LTERouter]:
     if not rs:
         raise NotPreparedError(f"{type(model).__name__} has no LTE routers: call lte.prepare(model, lte.Config()) first")
     return rs
-
-
-def unprepare_hooks(model: nn.Module) -> None:
-    """Remove the LTE hooks (used when loading state replaces routers)."""
-    for r in routers(model).values():
-        for h in getattr(r, "_lte_hook_handles", []):
-            h.remove()
-
-
-__all__: Sequence[str] = ["prepare", "set_mode", "get_mode", "routers", "gates", "is_prepared"]

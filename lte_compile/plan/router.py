@@ -10,50 +10,11 @@ graph that the backend's rewrite turns into one `lte::sparse_ffn` op.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import Tensor, nn
 
-from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.lte.*)
-
-
-@dataclass
-class FFNSpec:
-    """Where an FFN's weights live in the model, by path (what `lte.save` records)."""
-
-    name: str  # owner module path, e.g. "model.layers.0.mlp"
-    up_module: str
-    down_module: str
-    gate_module: str | None
-    up_weight: str
-    down_weight: str
-    gate_weight: str | None
-    up_bias: str | None
-    down_bias: str | None
-    gate_bias: str | None
-    up_transposed: bool  # weight stored [in, out] (GPT-2 Conv1D)
-    down_transposed: bool
-    gate_transposed: bool
-    up_rows: tuple[int, int] | None  # slice of a fused gate_up weight
-    gate_rows: tuple[int, int] | None
-    activation: str
-    glu: bool
-    d_model: int
-    d_ff: int
-    d_out: int
-    form: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FFNSpec":
-        d = dict(d)
-        for k in ("up_rows", "gate_rows"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
+from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.lte.*)
+from .spec import FFNSpec
 
 
 def _router_dtype(dtype: torch.dtype | None) -> torch.dtype:

@@ -19,13 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from .config import Config
-from .errors import NotPreparedError, StateMismatchError
-from .plan import ROUTER_ATTR, attach_router, get_mode, is_prepared, kernel_layout_, permute_ffn_, routers, set_mode
-from .router import FFNSpec
+from ..config import Config
+from ..errors import NotPreparedError, StateMismatchError
+from .layout import kernel_layout_, permute_ffn_
+from .prepare import ROUTER_ATTR, attach_router, get_mode, is_prepared, routers, set_mode
+from .spec import FFNSpec
 
 CONFIG_FILE, STATE_FILE, MODEL_FILE = "lte_config.json", "lte_state.safetensors", "model.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: FFN projections as nested records (passes.ffn.Projection)
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, include_model: bool = True) -> Path:
@@ -119,17 +120,14 @@ def _check_specs(model: nn.Module, specs: list[FFNSpec]) -> list[str]:
     """Every saved FFN must exist in `model` with the same weight shapes along its d_ff axis."""
     problems = []
     for s in specs:
-        roles = (("up", s.up_weight, 1 if s.up_transposed else 0, s.up_rows),
-                 ("gate", s.gate_weight, 1 if s.gate_transposed else 0, s.gate_rows),
-                 ("down", s.down_weight, 0 if s.down_transposed else 1, None))
-        for role, path, ff_axis, rows in roles:
-            if path is None:
-                continue
-            shape = _shape(model, path)
+        for role, proj in s.projections().items():
+            shape = _shape(model, proj.weight)
             if shape is None:
-                problems.append(f"{s.name}: {role} weight {path} is not a parameter of the model")
-            elif (shape[ff_axis] < rows[1]) if rows else (shape[ff_axis] != s.d_ff):
-                problems.append(f"{s.name}: {role} weight {path} has shape {shape}, saved d_ff={s.d_ff}")
+                problems.append(f"{s.name}: {role} weight {proj.weight} is not a parameter of the model")
+                continue
+            n = shape[proj.neuron_axis]
+            if (n < proj.rows[1]) if proj.rows else (n != s.d_ff):
+                problems.append(f"{s.name}: {role} weight {proj.weight} has shape {shape}, saved d_ff={s.d_ff}")
     return problems
 
 

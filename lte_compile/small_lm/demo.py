@@ -1,8 +1,8 @@
 """`make demo`: LTE end to end on the project's own small Shakespeare LM, on a CPU, in minutes.
 
-    python -m lte_compile.demo [--steps1 150] [--steps2 100] [--target 0.5] [--threads 1]
+    python -m lte_compile.small_lm.demo [--steps1 150] [--steps2 100] [--target 0.5] [--threads 1]
 
-1. Load the shipped Llama-style LM (lte_compile/assets/llama) and its BPE tokenizer.
+1. Load the shipped Llama-style LM (lte_compile/small_lm/assets/llama) and its BPE tokenizer.
 2. Validation perplexity of the dense model on held-out works (Macbeth, Twelfth Night, ...).
 3. `lte.prepare`, then `lte.train` stage 1 (soft) and stage 2 (hard) to the target sparsity.
 4. Per-layer sparsity and active experts per token on held-out text; perplexity dense vs LTE.
@@ -41,9 +41,8 @@ def _decode_time(model, step_fn, prompt, n: int, tokens: list[int] | None = None
     """Seconds for n greedy batch-1 decode steps through `step_fn` after an eager prefill.
 
     The KV cache is transformers' DynamicCache (grows by one token per step: Dynamo compiles the
-    decode step once more with a dynamic length, then reuses it). Not a StaticCache: under
-    backend='lte' its in-place cache writes are lost today (decode repeats one token; inductor and
-    aot_eager on the dense model are right), so the demo checks its tokens against eager.
+    decode step once more with a dynamic length, then reuses it); the tokens are checked against
+    eager so a wrong compiled model cannot report a speed.
     """
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
@@ -86,7 +85,7 @@ def finetune_dense(model, train_ids, steps: int, lr: float, batch_size: int, seq
     """The fair baseline: the dense model gets the same number of fine-tuning steps as LTE."""
     from tqdm.auto import tqdm
 
-    from lte_compile.data import TokenBatches
+    from lte_compile.training import TokenBatches
 
     data = TokenBatches(train_ids, seq_len, batch_size, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
@@ -99,9 +98,9 @@ def finetune_dense(model, train_ids, steps: int, lr: float, batch_size: int, seq
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lte_compile.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lte_compile.small_lm.demo", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
-    p.add_argument("--model-dir", default=None, help="a small LM saved by lte_compile.lm (default: the shipped one)")
+    p.add_argument("--model-dir", default=None, help="a small LM saved by lte_compile.small_lm.model (default: the shipped one)")
     p.add_argument("--target", type=float, default=0.5, help="target FFN sparsity (fraction of experts off)")
     p.add_argument("--steps1", type=int, default=150, help="stage-1 (soft) steps")
     p.add_argument("--steps2", type=int, default=100, help="stage-2 (hard) steps")
@@ -120,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     import lte_compile as lte
-    from lte_compile.lm import corpus_tokens, load_small_lm
-    from lte_compile.train import TrainConfig, evaluate, train
+    from lte_compile.small_lm.model import corpus_tokens, load_small_lm
+    from lte_compile.training import TrainConfig, evaluate, train
 
     print(f"[1/6] loading the project's small {args.arch} LM and tokenizer")
     dense, tok = load_small_lm(args.arch, args.model_dir)

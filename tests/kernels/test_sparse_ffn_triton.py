@@ -14,8 +14,7 @@ import torch
 from hypothesis import given, settings
 
 from lte_compile.kernels import sparse_ffn_triton as tri
-from tests.kernels.naive import TAU, assert_matches_naive
-from tests.strategies import examples, sparse_ffn_cases
+from lte_compile.testing import TAU, assert_matches_naive, examples, sparse_ffn_cases
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                  reason="needs CUDA or TRITON_INTERPRET=1")

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lte_compile.train import TrainConfig, train
+from lte_compile.training import TrainConfig, train
 
 from .helpers import FAST, tiny_llama, token_stream
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import lte_compile as lte
-from lte_compile.controller import SparsityController, quantile_shift
+from lte_compile.training.controller import SparsityController, quantile_shift
 from lte_compile.errors import ConfigError
-from lte_compile.train import TrainConfig, evaluate, train
+from lte_compile.training import TrainConfig, evaluate, train
 
 from .helpers import FAST, tiny_llama, token_stream
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from lte_compile.data import VALIDATION_WORKS, TokenBatches, load_works, split_works
+from lte_compile.small_lm.corpus import VALIDATION_WORKS, load_works, split_works
+from lte_compile.training import TokenBatches
 
 
 def test_corpus_is_shipped_and_split_by_work():

@@ -19,7 +19,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     import lte_compile as lte
-    from lte_compile.train import TrainConfig, train
+    from lte_compile.training import TrainConfig, train
 
     from .helpers import FAST, tiny_llama, token_stream
 
@@ -56,7 +56,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     import lte_compile as lte
-    from lte_compile.train import TrainConfig, train
+    from lte_compile.training import TrainConfig, train
 
     from .helpers import FAST, tiny_llama, token_stream
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from lte_compile import demo, train_cli
+from lte_compile.small_lm import demo
+from lte_compile.training import cli as train_cli
 
 
 def test_demo_runs_end_to_end_without_compile(tmp_path, capsys):

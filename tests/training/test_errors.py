@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lte_compile.errors import ConfigError, LTEError, NotPreparedError
-from lte_compile.train import TrainConfig, evaluate, train
+from lte_compile.training import TrainConfig, evaluate, train
 
 from .helpers import FAST, tiny_llama, token_stream
 

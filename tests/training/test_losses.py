@@ -8,7 +8,7 @@ import torch
 
 import lte_compile as lte
 from lte_compile.errors import NotPreparedError
-from lte_compile.losses import efficiency_loss, gate_stats, loss_terms, separability_loss
+from lte_compile.training.losses import efficiency_loss, gate_stats, loss_terms, separability_loss
 
 from .helpers import tiny_llama
 

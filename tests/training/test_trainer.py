@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import lte_compile as lte
-from lte_compile.train import TrainConfig, train
-from lte_compile.trainer import LTETrainer
+from lte_compile.training import TrainConfig, train
+from lte_compile.training.trainer import LTETrainer
 
 from .helpers import FAST, tiny_llama, token_stream
 
@@ -23,7 +23,7 @@ def test_lte_trainer_runs_both_stages_with_router_group_and_logs(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
                              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = LTETrainer(model=model, args=args, train_dataset=_dataset(),
-                         lte_config=TrainConfig(stage1_steps=3, target_sparsity=0.5, calibration_batches=2))
+                         lte_train_config=TrainConfig(stage1_steps=3, target_sparsity=0.5, calibration_batches=2))
     trainer.train()
     opt = trainer.optimizer
     router_params = {id(p) for r in lte.routers(model).values() for p in r.parameters()}
@@ -50,7 +50,7 @@ def test_lte_trainer_stage2_keeps_routers_fixed(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-3,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = LTETrainer(model=model, args=args, train_dataset=_dataset(), callbacks=[Snap()],
-                         lte_config=TrainConfig(stage1_steps=2, eta=1.0))
+                         lte_train_config=TrainConfig(stage1_steps=2, eta=1.0))
     trainer.train()
     assert any(not torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[1])  # stage 1 trains them
     for k in snapshots[2]:

@@ -2,7 +2,7 @@
 
     lte train --model llama --target 0.5 --steps1 150 --steps2 100 --out runs/lte
     lte eval  --model llama --lte-dir runs/lte/lte
-`--model` is a shipped small LM (`llama`, `gpt2`) or a directory written by `lte_compile.lm`;
+`--model` is a shipped small LM (`llama`, `gpt2`) or a directory written by `lte_compile.small_lm.model`;
 text is the shipped Shakespeare corpus (train works / held-out works) and its BPE tokenizer.
 `lte train` saves the trained LTE model with `lte.save` into `<out>/lte`; `lte eval` loads it
 into a fresh copy of the model and prints held-out perplexity and sparsity, dense vs LTE.
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 
-from .train import TrainConfig
+from .config import TrainConfig
 
 
 def _model(name: str):
-    from .lm import load_small_lm
+    from ..small_lm.model import load_small_lm
 
     return load_small_lm(name) if name in ("llama", "gpt2") else load_small_lm("llama", path=name)
 
 
 def train_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="lte train", description="LTE stage 1 + stage 2 on the small LM")
-    p.add_argument("--model", default="llama", help="llama | gpt2 | a directory saved by lte_compile.lm")
+    p.add_argument("--model", default="llama", help="llama | gpt2 | a directory saved by lte_compile.small_lm.model")
     p.add_argument("--target", type=float, default=None, help="target FFN sparsity in (0, 1); omit to use --eta")
     p.add_argument("--eta", type=float, default=TrainConfig.eta)
     p.add_argument("--steps1", type=int, default=TrainConfig.stage1_steps)
@@ -44,8 +44,8 @@ def train_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 def main_train(argv: list[str] | None = None) -> int:
     import lte_compile as lte
 
-    from .lm import corpus_tokens
-    from .train import train
+    from ..small_lm.model import corpus_tokens
+    from .driver import train
 
     args = train_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -66,8 +66,8 @@ def main_train(argv: list[str] | None = None) -> int:
 def main_eval(argv: list[str] | None = None) -> int:
     import lte_compile as lte
 
-    from .lm import corpus_tokens
-    from .train import evaluate
+    from ..small_lm.model import corpus_tokens
+    from .evaluate import evaluate
 
     p = argparse.ArgumentParser(prog="lte eval", description="held-out perplexity and sparsity, dense vs LTE")
     p.add_argument("--model", default="llama")

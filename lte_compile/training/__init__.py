@@ -1,0 +1,19 @@
+"""LTE training: the two-stage driver and what it is built from.
+
+- `driver.py`: `train` (stage 1 soft, stage 2 hard, target-sparsity control, checkpoints);
+- `config.py`: `TrainConfig`, `TrainResult`;   `evaluate.py`: `evaluate`, held-out statistics;
+- `batches.py`: token windows and dict batches;   `losses.py`: L_eff, L_sep, gate statistics;
+- `controller.py`: the router-bias controller;   `optim.py`: optimizer groups (routers apart);
+- `distributed.py`: DDP / FSDP2;   `checkpoint.py`, `telemetry.py`: resumable runs, logs, plots;
+- `trainer.py`: `LTETrainer` for transformers' `Trainer` (imported on demand: it imports accelerate).
+"""
+from .batches import TokenBatches
+from .config import TrainConfig, TrainResult
+from .controller import SparsityController
+from .driver import train
+from .evaluate import evaluate
+from .losses import GateStats, LossTerms, gate_stats, loss_terms
+from .optim import adamw_groups
+
+__all__ = ["train", "evaluate", "TrainConfig", "TrainResult", "TokenBatches", "SparsityController",
+           "GateStats", "LossTerms", "gate_stats", "loss_terms", "adamw_groups"]

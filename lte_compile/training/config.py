@@ -1,0 +1,144 @@
+"""`TrainConfig` (the settings of `lte.train`) and `TrainResult` (what it measured)."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .losses import DEFAULT_EPS, DEFAULT_LAMBDA
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+TASKS = ("auto", "causal_lm", "sequence_classification")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `lte.train`. Defaults follow the paper where it gives one, else the small-LM runs (README, lte_compile/small_lm)."""
+
+    stage1_steps: int = 200
+    """Soft-mode steps (model + routers). Measured on the small LMs: sparsity settles within ~50 steps."""
+    stage2_steps: int = 200
+    """Hard-mode fine-tuning steps (routers frozen, task loss only)."""
+    eta: float = 1.0
+    """Weight of L_eff. Sets the sparsity by hand when `target_sparsity` is None; with a target it
+    only sets how strongly unhelpful experts are pushed off (the bias sets the level)."""
+    lam: float = DEFAULT_LAMBDA
+    """Weight of L_sep (paper: 0.5)."""
+    sep_eps: float = DEFAULT_EPS
+    """eps in L_sep = 1/((G - tau)^2 + eps): bounds it at 1/eps where G = tau (losses.py)."""
+    target_sparsity: float | None = None
+    """Overall hard-mode FFN sparsity (fraction of experts off) to reach on held-out data, in (0, 1);
+    None: no controller, eta alone decides."""
+    sparsity_tolerance: float = 0.02
+    """Allowed |held-out sparsity - target| at the end."""
+    controller_gain: float = 0.3
+    """Fraction of the quantile correction applied per stage-1 step (controller.py)."""
+    calibration_batches: int = 4
+    """Training batches (not consumed) used to warm-start and calibrate the router bias."""
+    model_lr: float = 2e-4
+    """Model learning rate in stage 1 (the small-LM runs)."""
+    stage2_lr: float = 1e-4
+    """Model learning rate in stage 2."""
+    model_weight_decay: float = 0.0
+    """Model weight decay (0: fine-tuning a pretrained model for a few hundred steps)."""
+    router_lr: float = 1e-2
+    """Router learning rate (paper: 1e-2)."""
+    router_weight_decay: float = 0.1
+    """Router weight decay (paper: 0.1)."""
+    warmup_steps: int = 10
+    """Linear warmup per stage, then cosine decay to 10 % of the lr."""
+    grad_clip: float = 1.0
+    """Max global grad norm (0 = off)."""
+    batch_size: int = 8
+    """Sequences per batch per rank when `data` is a token tensor."""
+    seq_len: int = 256
+    """Tokens per sequence when `data` is a token tensor."""
+    eval_batches: int = 8
+    """Held-out batches for the final sparsity and loss (and stage ends)."""
+    heldout_fraction: float = 0.05
+    """Share of a token tensor held out when no `eval_data` is given."""
+    task: str = "auto"
+    """'causal_lm', 'sequence_classification', or 'auto' (labels shaped like input_ids -> LM)."""
+    log_every: int = 1
+    """Steps between telemetry records (every step by default; they are cheap)."""
+    out_dir: str | None = None
+    """Where log.jsonl, plots and checkpoints go; None writes nothing."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0 = none); needs `out_dir`."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones are deleted; 0 keeps all)."""
+    resume: bool = True
+    """Continue from the latest checkpoint in `out_dir/checkpoints` if there is one."""
+    seed: int = 0
+    """Seeds torch/numpy/python RNGs at a fresh start and the order of token batches."""
+    progress: bool = True
+    """tqdm bars with live loss and sparsity (rank 0)."""
+    plots: bool = True
+    """Write sparsity.png and losses.png into `out_dir` at the end."""
+    distributed: str = "auto"
+    """'auto' or 'ddp' (DDP when torch.distributed has > 1 rank), 'fsdp' (FSDP2 `fully_shard` per
+    transformer block and the root; needs `lte.Config(kernel_layout=False)` as FSDP2 shards only
+    contiguous parameters, and no checkpoints yet), 'none'."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata, saved with every checkpoint's config."""
+
+    def __post_init__(self) -> None:
+        for name in ("stage1_steps", "stage2_steps", "checkpoint_every", "warmup_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "an integer >= 0")
+        for name in ("batch_size", "eval_batches", "log_every", "calibration_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "an integer >= 1")
+        if self.seq_len < 2:
+            raise ConfigError("seq_len", self.seq_len, "an integer >= 2")
+        if self.target_sparsity is not None and not (0.0 < self.target_sparsity < 1.0):
+            raise ConfigError("target_sparsity", self.target_sparsity, "None or a float in (0, 1) (fraction of experts off)",
+                              "0.5 switches off half of the FFN experts")
+        for name in ("eta", "lam", "model_lr", "stage2_lr", "router_lr", "router_weight_decay",
+                     "model_weight_decay", "grad_clip"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+                raise ConfigError(name, getattr(self, name), "a float >= 0")
+        if self.sep_eps <= 0:
+            raise ConfigError("sep_eps", self.sep_eps, "a float > 0", "L_sep diverges at G = tau without it")
+        if not (0.0 < self.sparsity_tolerance < 0.5):
+            raise ConfigError("sparsity_tolerance", self.sparsity_tolerance, "a float in (0, 0.5)")
+        if not (0.0 < self.heldout_fraction < 0.5):
+            raise ConfigError("heldout_fraction", self.heldout_fraction, "a float in (0, 0.5)")
+        if self.task not in TASKS:
+            raise ConfigError("task", self.task, f"one of {TASKS}")
+        if self.distributed not in ("auto", "ddp", "fsdp", "none"):
+            raise ConfigError("distributed", self.distributed, "'auto', 'ddp', 'fsdp' or 'none'")
+        if self.distributed == "fsdp" and self.checkpoint_every:
+            raise ConfigError("checkpoint_every", self.checkpoint_every, "0 with distributed='fsdp'",
+                              "checkpoints of sharded models are not written yet; use 'ddp' to checkpoint")
+        if self.checkpoint_every and self.out_dir is None:
+            raise ConfigError("out_dir", None, "a directory when checkpoint_every > 0", "checkpoints need a place")
+        if self.target_sparsity is not None and self.stage1_steps == 0:
+            logger.warning("target_sparsity with stage1_steps=0: only the bias calibration steers sparsity")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What `train` measured on held-out data at the end (hard mode)."""
+
+    sparsity: float
+    sparsity_per_layer: dict[str, float]
+    active_per_token: dict[str, float]
+    eval_loss: float
+    bias_shift: float
+    target_sparsity: float | None
+    history: list[dict[str, Any]]
+    out_dir: str | None = None
+
+    @property
+    def eval_ppl(self) -> float:
+        return math.exp(min(self.eval_loss, 50.0))
