@@ -31,12 +31,15 @@ _DROPOUTS = {torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.
 
 def lte_ffn_region(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
                    b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, *,
-                   act: str, expert_size: int, mode: str, tau: float, up: Projection,
-                   gate: Projection | None, down: Projection) -> Tensor:
+                   act: str, expert_size: int, mode: str, tau: float, up: tuple,
+                   gate: tuple | None, down: tuple) -> Tensor:
     """x: [..., d], gates: [..., E] -> y: [..., d_out] through `lte::sparse_ffn` on [T, d] tokens.
 
-    `up`/`gate`/`down` say how each stored weight maps to the op's [N, d] / [N, d_out] neuron rows
-    (views: no copy when the weights are stored in kernel layout)."""
+    `up`/`gate`/`down` are `Projection` layouts `(transposed, rows, down)` (plain tuples: FX writes
+    node arguments into generated code as literals): how each stored weight maps to the op's
+    [N, d] / [N, d_out] neuron rows (views: no copy when the weights are in kernel layout)."""
+    up, down = Projection("", None, *up), Projection("", None, *down)
+    gate = None if gate is None else Projection("", None, *gate)
     w_down_rows = down.neuron_rows(w_down)  # [N, d_out]
     y = torch.ops.lte.sparse_ffn(
         x.reshape(-1, x.shape[-1]), gates.reshape(-1, gates.shape[-1]), up.neuron_rows(w_up),
@@ -119,9 +122,9 @@ def _weight(ref: LinearRef | None) -> tuple[fx.Node | None, fx.Node | None]:
     return (None, None) if ref is None else (ref.weight_node, ref.bias_node)
 
 
-def _layout(ref: LinearRef, down: bool = False) -> Projection:
-    """The projection's neuron layout (the weight path is only a label here: the graph passes the tensor)."""
-    return Projection(ref.weight_path or ref.weight_node.name, ref.bias_path, ref.transposed, ref.rows, down)
+def _layout(ref: LinearRef, down: bool = False) -> tuple:
+    """The projection's neuron layout as `Projection` fields (the graph passes the tensors)."""
+    return (ref.transposed, ref.rows, down)
 
 
 def _rewrite_one(graph: fx.Graph, m: FFNMatch) -> None:
