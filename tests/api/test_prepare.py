@@ -96,10 +96,13 @@ def test_gates_are_exposed_per_ffn():
 
 
 def test_generate_on_prepared_model():
+    """generate() runs through the hooks; with every expert on, hard mode decodes the dense tokens."""
     model = lte.prepare(build("llama"))
+    dense = model.generate(ids(1, 4), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    force_gates(model, 20.0)
     lte.set_mode(model, "hard")
     out = model.generate(ids(1, 4), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert out.shape == (1, 10)
+    assert out.shape == (1, 10) and torch.equal(out, dense)
 
 
 def test_deepcopy_rebinds_hooks_to_the_copy():

@@ -6,6 +6,7 @@ import torch
 
 import lte_compile as lte
 from lte_compile.training import TrainConfig, train
+from lte_compile.training.losses import gate_stats
 from lte_compile.training.trainer import LTETrainer
 
 from .helpers import FAST, tiny_llama, token_stream
@@ -77,7 +78,14 @@ def test_sequence_classification_trains_and_masks_padding():
                                                **{**FAST, "task": "sequence_classification"}))
     steps = [r for r in result.history if r.get("kind") == "step"]
     assert len(steps) == 6 and all(r["task"] > 0 for r in steps)
-    # 12 real tokens of 16 per row: padding left out of the per-token statistics.
-    assert sum(result.active_per_token.values()) > 0 and result.eval_loss > 0
-    with pytest.raises(Exception, match="labels"):
+    assert result.eval_loss > 0
+    # 12 real tokens of 16 per row: padding is left out of the statistics, so each layer counts
+    # exactly 4 x 12 tokens and 4 x 12 x E (token, expert) pairs.
+    b = batches[0]
+    with torch.no_grad():
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    stats = gate_stats(lte.gates(model), 0.5, b["attention_mask"])
+    experts = 256 // 16
+    assert set(stats.tokens.values()) == {4 * 12} and set(stats.total.values()) == {4 * 12 * experts}
+    with pytest.raises(lte.ConfigError, match="labels"):
         train(model, [{"input_ids": b["input_ids"]} for b in batches], TrainConfig(**{**FAST, "task": "sequence_classification"}))
