@@ -12,10 +12,11 @@ them): the dense FFN (`silu(x Wg^T) * (x Wu^T) @ Wd^T`, torch/MKL on CPU, cuBLAS
 active expert (the index building + launch overhead). Each token uses exactly round((1-s) E)
 random experts. Reported: medians (20/80 % quantiles in the markdown), speedup = dense / sparse,
 and fraction of ideal = speedup / (1/(1-s)). At T > 1 a block is read if any token uses it, so
-the memory-bound ideal is lower than 1/(1-s) (FACTS.md); the FLOP ideal stays 1/(1-s).
+the memory-bound ideal is lower than 1/(1-s); the FLOP ideal stays 1/(1-s). GB/s = weight bytes
+actually read (dense: all 3 matrices; sparse: the blocks of every expert some token uses) / time.
 
 Allocation: glibc returns > 32 MB buffers to the OS and page-faults them back on every call
-(FACTS.md); `mallopt` raises the mmap/trim thresholds for this process, as
+; `mallopt` raises the mmap/trim thresholds for this process, as
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +39,10 @@ SPARSITIES = (0.0, 0.5, 0.75, 0.9)
 TOKENS = (1, 4, 16, 128, 2048)
 B = 32
 TAU = 0.5
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "benchmarks", "RESULTS.md")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")  # beside this script
+# CPU features worth naming next to the numbers (the kernel's build ISA follows them: cpu.isa()).
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
 
 def _raise_malloc_thresholds() -> None:
@@ -65,6 +69,14 @@ def device_name(dev: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def cpu_features() -> str:
+    """The CPU kernel's build ISA and the CPU's vector features (x86 flags from /proc/cpuinfo)."""
+    from lte_compile.kernels.cpu import cpu_flags, isa
+    flags = cpu_flags()
+    vec = [f for f in VECTOR_FLAGS if f in flags]
+    return f"kernel ISA {isa()[0]} ({' '.join(isa()[1])}); vector features: {' '.join(vec) or '-'}"
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -86,10 +98,18 @@ class Row:
     router_ms: float
     index_ms: float
     sparse: dict  # s -> (median ms, q20, q80)
+    dense_bytes: int = 0  # weight bytes the dense FFN reads
+    sparse_bytes: dict | None = None  # s -> weight bytes the sparse op reads (experts any token uses)
     kernels: dict | None = None  # s -> kernel dispatch chose
 
     def speedup(self, s: float) -> float:
         return self.dense_ms / self.sparse[s][0]
+
+    def dense_gbs(self) -> float:
+        return self.dense_bytes / self.dense_ms / 1e6
+
+    def sparse_gbs(self, s: float) -> float:
+        return self.sparse_bytes[s] / self.sparse[s][0] / 1e6
 
 
 def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, reps: int,
@@ -118,7 +138,7 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
     warm = 1 if T >= 2048 else 5
     for r in range(warm + reps):
         for k, fn in variants.items():
-            l = (r + hash(str(k))) % layers
+            l = (r + zlib.crc32(str(k).encode())) % layers  # stable across processes, unlike hash()
             _sync(dev)
             t0 = time.perf_counter()
             fn(l)
@@ -130,8 +150,11 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
         v = sorted(v)
         return (statistics.median(v), v[int(0.2 * (len(v) - 1))], v[int(0.8 * (len(v) - 1))])
 
+    block = 3 * B * d * x.element_size()  # one expert's rows of W_up, W_gate and W_down^T
+    used = {s: int((gates[s] > TAU).any(0).sum()) for s in sparsities}  # experts some token uses
     return Row(shape, str(dtype).replace("torch.", ""), T, q(times["dense"])[0], q(times["router"])[0],
-               q(times["index"])[0], {s: q(times[s]) for s in sparsities})
+               q(times["index"])[0], {s: q(times[s]) for s in sparsities},
+               dense_bytes=E * block, sparse_bytes={s: used[s] * block for s in sparsities})
 
 
 def _reps(T: int, quick: bool) -> int:
@@ -162,8 +185,8 @@ def run(args) -> list[Row]:
                 row = bench_case(shape, dtype, T, args.sparsity, args.layers, _reps(T, args.quick), dev, weights)
                 row.kernels = kernels
                 rows.append(row)
-                print(f"{shape:9s} {row.dtype:8s} T={T:<5d} dense {row.dense_ms:8.3f} ms  "
-                      + "  ".join(f"s={s}: {row.sparse[s][0]:8.3f} ms x{row.speedup(s):.2f}"
+                print(f"{shape:9s} {row.dtype:8s} T={T:<5d} dense {row.dense_ms:8.3f} ms {row.dense_gbs():6.1f} GB/s  "
+                      + "  ".join(f"s={s}: {row.sparse[s][0]:8.3f} ms {row.sparse_gbs(s):6.1f} GB/s x{row.speedup(s):.2f}"
                                   f" ({row.speedup(s) * (1 - s):.2f} of ideal, {kernels[s]})" for s in args.sparsity)
                       + f"  router {100 * row.router_ms / row.dense_ms:.1f}%"
                       + f" index {100 * row.index_ms / row.dense_ms:.1f}%", flush=True)
@@ -171,27 +194,40 @@ def run(args) -> list[Row]:
     return rows
 
 
+def header(dev: torch.device) -> list[str]:
+    """Device lines: the GPU, or the CPU with its kernel ISA and vector features."""
+    lines = [f"- device: {device_name(dev)}"]
+    if dev.type == "cpu":
+        lines.append(f"- CPU: {cpu_features()}")
+    return lines
+
+
 def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
-    import triton  # noqa: F401  (version only)
+    triton_version = "-"
+    if dev.type == "cuda":  # the Triton kernel only runs there; CPU-only installs may lack triton
+        import triton
+        triton_version = triton.__version__
     sp = args.sparsity
     out = ["# Sparse FFN benchmark", "",
-           f"- device: {device_name(dev)}",
-           f"- torch {torch.__version__}, triton {getattr(sys.modules.get('triton'), '__version__', '-')}, "
+           *header(dev),
+           f"- torch {torch.__version__}, triton {triton_version}, "
            f"Python {platform.python_version()}",
            f"- command: `{' '.join(['python benchmarks/bench_kernels.py'] + argv)}`",
            f"- weights rotated over {args.layers or '3 (7B) / 6 (small)'} layers per shape; variants interleaved; medians "
            f"[20%, 80%] in ms; expert size B={B}; hard mode; each token uses exactly (1-s)E experts.",
            "- speedup = dense / sparse; `of ideal` = speedup x (1 - s) (1.00 = the 1/(1-s) ideal). "
            "a kernel name after the ratios = dispatch chose it instead of the C++/Triton kernel (`reference` = dense, then masked). router = linear+sigmoid; index = the op with no active expert (index building + launch),"
-           " both as % of dense.", ""]
-    head = "| shape | dtype | T | dense ms | " + " | ".join(f"s={s}: ms (speedup, of ideal)" for s in sp) \
+           " both as % of dense. GB/s = weight bytes read (dense: all; sparse: every expert some token uses) / median time.",
+           ""]
+    head = "| shape | dtype | T | dense ms (GB/s) | " + " | ".join(f"s={s}: ms (GB/s; speedup, of ideal)" for s in sp) \
         + " | router % | index % |"
     out += [head, "|" + "---|" * (6 + len(sp))]
     for r in rows:
-        cells = [f"{r.sparse[s][0]:.3f} [{r.sparse[s][1]:.3f}, {r.sparse[s][2]:.3f}] "
-                 f"(x{r.speedup(s):.2f}, {r.speedup(s) * (1 - s):.2f}{'' if r.kernels[s] == 'cpu' else ', ' + r.kernels[s]})"
+        cells = [f"{r.sparse[s][0]:.3f} [{r.sparse[s][1]:.3f}, {r.sparse[s][2]:.3f}] ({r.sparse_gbs(s):.1f} GB/s; "
+                 f"x{r.speedup(s):.2f}, {r.speedup(s) * (1 - s):.2f}"
+                 f"{'' if r.kernels[s] in ('cpu', 'triton') else ', ' + r.kernels[s]})"
                  for s in sp]
-        out.append(f"| {r.shape} | {r.dtype} | {r.T} | {r.dense_ms:.3f} | " + " | ".join(cells)
+        out.append(f"| {r.shape} | {r.dtype} | {r.T} | {r.dense_ms:.3f} ({r.dense_gbs():.1f}) | " + " | ".join(cells)
                    + f" | {100 * r.router_ms / r.dense_ms:.1f} | {100 * r.index_ms / r.dense_ms:.1f} |")
     return "\n".join(out) + "\n"
 
@@ -212,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     args.shapes = args.shapes or (["small"] if args.quick else list(SHAPES))
     args.tokens = args.tokens or ([1, 16, 128] if args.quick else list(TOKENS))
     _raise_malloc_thresholds()
+    dev = torch.device(args.device)
+    print("\n".join(line[2:] for line in header(dev)), flush=True)
     rows = []
     for shape in args.shapes:
         a = argparse.Namespace(**vars(args))

@@ -20,6 +20,9 @@ and compiler have them (`bf16_dot_available()`), fp32 FMAs otherwise.
 
 When no compiler is available (or the build fails), `sparse_ffn_torch` is used with a warning:
 it is grouped by expert too, but pays one torch call per active expert.
+
+Importing this module registers the dispatch kernels "cpu" (`sparse_ffn_cpu`) and "torch"
+(`sparse_ffn_torch`); `dispatch` imports it on first lookup of either.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import register_kernel
 from .reference import activation, expert_scale
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "sparse_ffn_cpu.cpp")
@@ -118,6 +122,7 @@ def bf16_dot_available() -> bool:
     return ext is not None and bool(getattr(ext, "bf16_dot_kernel", lambda: False)())
 
 
+@register_kernel("cpu")
 def sparse_ffn_cpu(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
                    b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, act: str,
                    expert_size: int, mode: str, tau: float) -> Tensor:
@@ -134,6 +139,7 @@ def sparse_ffn_cpu(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None
                               expert_size, mode, float(tau))
 
 
+@register_kernel("torch")
 def sparse_ffn_torch(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
                      b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, act: str,
                      expert_size: int, mode: str, tau: float) -> Tensor:

@@ -6,6 +6,7 @@ N = E*B neurons, s sparsity, P (token, expert) pairs, BM rows per grouped tile.
 Contract: `reference.sparse_ffn_reference` (same signature as `sparse_ffn_triton`).
 Tests: tests/kernels/test_sparse_ffn_triton.py. Benchmark: `python benchmarks/bench_kernels.py`;
 `python -m lte_compile.kernels.sparse_ffn_triton` runs a check and a small timing on CUDA.
+Importing it registers the dispatch kernel "triton" (dispatch imports it on first lookup).
 
 Two paths, chosen by token count (`DECODE_MAX_T`):
 
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import register_kernel
 from .reference import ACTIVATIONS
 
 DECODE_MAX_T = 8
@@ -307,6 +309,7 @@ def group_by_expert(scale: Tensor, block_m: int) -> tuple[Tensor, Tensor, Tensor
     return tok[:M], pair_scale[:M], tile_expert
 
 
+@register_kernel("triton")
 def sparse_ffn_triton(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,
                       w_down: Tensor, b_up: Tensor | None, b_gate: Tensor | None,
                       b_down: Tensor | None, act: str, expert_size: int, mode: str,

@@ -4,14 +4,17 @@
 // expert), N = E*B neurons, s sparsity (fraction of inactive experts).
 //
 // Contract: kernels/reference.py (sparse_ffn_reference). Python side: kernels/cpu.py (build,
-// launcher, fallback). Benchmark: kernels/bench.py.
+// launcher, fallback). Benchmark: benchmarks/bench_kernels.py.
 //
 // Layout: w_up, w_gate [N, d] and w_down [N, d_out] (= W_down^T) with unit stride along the last
 // dim, so an expert is B contiguous rows of each: reading it is one sequential stream, which is
 // what lets batch-1 decode approach (1 - s) x dense time (memory-bound).
 //
-// Two phases, each one at::parallel_for (NOT -fopenmp: a second OpenMP runtime beside torch's
-// oversubscribes the cores and stalls torch ops, FACTS.md "CPU kernel facts"):
+// Index building (build_pair_index), then two phases (up_phase, down_phase), each one
+// at::parallel_for. kernels/cpu.py compiles with -fopenmp (at::parallel_for is header-inline and
+// serial unless _OPENMP is defined) but links no OpenMP runtime of its own: the GOMP_* symbols
+// resolve to the libgomp torch already loaded, so there is one thread pool (a second runtime
+// beside torch's would oversubscribe the cores and stall torch ops).
 //   1. up:   parallel over active experts. For every (token, expert) pair, h[p, 0..B) =
 //            act(x W_gate[e]^T + b_gate) * (x W_up[e]^T + b_up) * scale. d is tiled so the
 //            expert's weight tile stays in L2 while token chunks of 4 reuse it (grouped by expert:
@@ -33,7 +36,7 @@
 #include <type_traits>
 #include <vector>
 
-// The AVX512-BF16 grouped path is compiled where the build machine (-march=native) has it;
+// The AVX512-BF16 grouped path is compiled where the build ISA (kernels/cpu.py isa()) has it;
 // elsewhere the fp32-FMA path below is the only one.
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -342,28 +345,38 @@ inline void down_cols_any(int nt, const uint32_t* pk, int64_t ld, int64_t Bh,
 }
 #endif  // LTE_BF16_DP
 
-template <typename W>
-void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f, int64_t E,
-                     const W* w_up, int64_t s_up, const W* w_gate, int64_t s_gate,
-                     const W* w_down, int64_t s_down, int64_t d_out,
-                     const W* b_up, const W* b_gate, int act, int64_t B, bool hard,
-                     float tau, float* y, const uint16_t* xb) {
-  // xb: x as bf16 bits [T, d] when x and the weights are bf16 and the CPU has AVX512-BF16 (the
-  // launcher checks), else nullptr. Experts with >= kDpMinTokens tokens then take the dp path.
-  const bool dp = LTE_BF16_DP && xb != nullptr;
-  // ---- index building: pairs (token, expert) grouped by expert, tokens ascending -------------
-  std::vector<int64_t> count(E, 0);
+// (token, expert) pairs with a nonzero scale, grouped by expert, tokens ascending within one.
+struct PairIndex {
+  std::vector<int64_t> count;   // [E] pairs of expert e
+  std::vector<int64_t> start;   // [E + 1] first pair of expert e (prefix sums of count)
+  std::vector<int32_t> tok;     // [P] token of pair p
+  std::vector<float> scl;       // [P] scale of pair p: 1 (hard) or the gate (soft)
+  std::vector<int64_t> active;  // experts with at least one pair, ascending
+  int64_t P = 0;                // pairs in all
+};
+
+// bf16 pairs of an h row of B values (dp path; an odd B's last pair is zero-padded).
+inline int64_t bf16_pairs(int64_t B) { return (B + 1) / 2; }
+
+// Index building: which (token, expert) pairs are active (hard: gate > tau; soft: gate != 0).
+PairIndex build_pair_index(const float* gates_f, int64_t T, int64_t E, bool hard, float tau) {
+  PairIndex ix;
+  ix.count.assign(E, 0);
+  ix.start.assign(E + 1, 0);
+  std::vector<int64_t>& count = ix.count;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t e = 0; e < E; ++e) {
       const float g = gates_f[t * E + e];
       count[e] += hard ? (g > tau) : (g != 0.f);
     }
-  std::vector<int64_t> start(E + 1, 0);
+  std::vector<int64_t>& start = ix.start;
   for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
-  const int64_t P = start[E];
-  if (P == 0) return;  // every token gets the down bias only (already in y)
-  std::vector<int32_t> tok(P);
-  std::vector<float> scl(P);
+  const int64_t P = ix.P = start[E];
+  if (P == 0) return ix;  // no pair: every token keeps the down bias (already in y)
+  std::vector<int32_t>& tok = ix.tok;
+  tok.resize(P);
+  std::vector<float>& scl = ix.scl;
+  scl.resize(P);
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t t = 0; t < T; ++t)
@@ -376,22 +389,34 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
         }
       }
   }
-  std::vector<int64_t> active;
+  std::vector<int64_t>& active = ix.active;
   for (int64_t e = 0; e < E; ++e)
     if (count[e]) active.push_back(e);
-  const int64_t A = static_cast<int64_t>(active.size());
-  const bool glu = w_gate != nullptr;
+  return ix;
+}
 
-  // ---- phase 1: h[p, j] for every pair p and neuron j of its expert ---------------------------
-  std::vector<float> h(P * B);
-  const int64_t Bh = (B + 1) / 2;  // bf16 pairs of h per pair (dp path; odd B: zero-padded)
-  std::vector<uint32_t> hb(dp ? P * Bh : 0);
+// Phase 1 (up): h[p, j] = act(x W_gate[e]^T + b_gate) * (x W_up[e]^T + b_up) * scale for every
+// pair p and neuron j of its expert e, parallel over active experts. h: [P, B] fp32; hb: h as
+// bf16 pairs [P, bf16_pairs(B)] when dp (empty otherwise).
+template <typename W>
+void up_phase(const PairIndex& ix, const float* x, const uint16_t* xb, bool dp, int64_t T,
+              int64_t d, const W* w_up, int64_t s_up, const W* w_gate, int64_t s_gate,
+              const W* b_up, const W* b_gate, int act, int64_t B, float* h, uint32_t* hb) {
+  const std::vector<int64_t>& count = ix.count;
+  const std::vector<int64_t>& start = ix.start;
+  const std::vector<int32_t>& tok = ix.tok;
+  const std::vector<int64_t>& active = ix.active;
+  const int64_t A = static_cast<int64_t>(active.size());
+  const int64_t Bh = bf16_pairs(B);
+  const std::vector<float>& scl = ix.scl;
+  const bool glu = w_gate != nullptr;
+  (void)xb;  // the dp path only (LTE_BF16_DP builds)
   at::parallel_for(0, A, 1, [&](int64_t a0, int64_t a1) {
     std::vector<float> acc_g(glu ? T * B : 0);
     std::vector<float> stage;  // fp32 copy of a reduced-precision weight tile, see below
     for (int64_t a = a0; a < a1; ++a) {
       const int64_t e = active[a], p0 = start[e], np = count[e];
-      float* hu = h.data() + p0 * B;  // [np, B], holds the up projection until finalized
+      float* hu = h + p0 * B;  // [np, B], holds the up projection until finalized
       float* hg = glu ? acc_g.data() : nullptr;
       std::fill(hu, hu + np * B, 0.f);
       if (glu) std::fill(hg, hg + np * B, 0.f);
@@ -483,15 +508,27 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
         }
       if (dp) {  // h rounded to bf16 once, as pairs along j (an odd B's last pair is zero-padded)
         for (int64_t i = 0; i < np; ++i) {
-          uint16_t* dst = reinterpret_cast<uint16_t*>(hb.data() + (p0 + i) * Bh);
+          uint16_t* dst = reinterpret_cast<uint16_t*>(hb + (p0 + i) * Bh);
           for (int64_t j = 0; j < B; ++j) dst[j] = c10::BFloat16(hu[i * B + j]).x;
           if (B & 1) dst[B] = 0;
         }
       }
     }
   });
+}
 
-  // ---- phase 2: y[t, tile] += h[p, :] @ W_down^T[e, tile] ------------------------------------
+// Phase 2 (down): y[t, tile] += h[p, :] @ W_down^T[e, tile] over each active expert's pairs,
+// parallel over column tiles of d_out (no reduction buffers: deterministic).
+template <typename W>
+void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float* h,
+                const uint32_t* hb, const W* w_down, int64_t s_down, int64_t d_out, float* y) {
+  const std::vector<int64_t>& count = ix.count;
+  const std::vector<int64_t>& start = ix.start;
+  const std::vector<int32_t>& tok = ix.tok;
+  const std::vector<int64_t>& active = ix.active;
+  const int64_t A = static_cast<int64_t>(active.size());
+  const int64_t Bh = bf16_pairs(B);
+  (void)hb; (void)Bh;  // the dp path only (LTE_BF16_DP builds)
   // Column tile: the y tiles of all T tokens should stay in L2 (256 KB); at batch 1 a thread
   // streams its whole column range of each row. Row segments are >= 256 floats.
   int64_t ct = (int64_t{1} << 16) / std::max<int64_t>(T, 1);
@@ -536,7 +573,7 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
               const uint32_t* hp[kDpToks];
               float* yr[kDpToks];
               for (int i = 0; i < nt; ++i) {
-                hp[i] = hb.data() + (p0 + c + i) * Bh;
+                hp[i] = hb + (p0 + c + i) * Bh;
                 yr[i] = y + tok[p0 + c + i] * d_out + ss;
               }
               down_cols_any(nt, pk.data(), kDpSub, Bh, hp, yr, m);
@@ -550,7 +587,7 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
           const W* wr[kRowGroup];
           for (int r = 0; r < R; ++r) wr[r] = w_down + (e * B + r0 + r) * s_down + cs;
           if (np == 1) {
-            axpy_rows<W>(y + tok[p0] * d_out + cs, wr, h.data() + p0 * B + r0, R, n);
+            axpy_rows<W>(y + tok[p0] * d_out + cs, wr, h + p0 * B + r0, R, n);
             continue;
           }
           // Several tokens share these rows: convert the tile to fp32 once.
@@ -561,11 +598,29 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
             sr[r] = dst;
           }
           for (int64_t i = 0; i < np; ++i)
-            axpy_rows<float>(y + tok[p0 + i] * d_out + cs, sr, h.data() + (p0 + i) * B + r0, R, n);
+            axpy_rows<float>(y + tok[p0 + i] * d_out + cs, sr, h + (p0 + i) * B + r0, R, n);
         }
       }
     }
   });
+}
+
+template <typename W>
+void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f, int64_t E,
+                     const W* w_up, int64_t s_up, const W* w_gate, int64_t s_gate,
+                     const W* w_down, int64_t s_down, int64_t d_out,
+                     const W* b_up, const W* b_gate, int act, int64_t B, bool hard,
+                     float tau, float* y, const uint16_t* xb) {
+  // xb: x as bf16 bits [T, d] when x and the weights are bf16 and the CPU has AVX512-BF16 (the
+  // launcher checks), else nullptr. Experts with >= kDpMinTokens tokens then take the dp path.
+  const bool dp = LTE_BF16_DP && xb != nullptr;
+  const PairIndex ix = build_pair_index(gates_f, T, E, hard, tau);
+  if (ix.P == 0) return;  // every token gets the down bias only (already in y)
+  std::vector<float> h(ix.P * B);
+  std::vector<uint32_t> hb(dp ? ix.P * bf16_pairs(B) : 0);
+  up_phase<W>(ix, x, xb, dp, T, d, w_up, s_up, w_gate, s_gate, b_up, b_gate, act, B, h.data(),
+              hb.data());
+  down_phase<W>(ix, dp, T, B, h.data(), hb.data(), w_down, s_down, d_out, y);
 }
 
 bool bf16_dp_supported() {

@@ -1,6 +1,9 @@
 """The `lte::` ops (kernels/ops.py): opcheck, autograd vs the naive loop, dispatch, torch.compile."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -138,3 +141,36 @@ def test_op_rejects_unknown_activation_and_mode():
         torch.ops.lte.sparse_ffn(*args[:8], "tanh", *args[9:])
     with pytest.raises(RuntimeError, match="mode must be"):
         torch.ops.lte.sparse_ffn(*args[:10], "dense", *args[11:])
+
+
+def test_dispatch_by_registration():
+    """Kernels are looked up by name in dispatch's table; a registered kernel can be forced."""
+    assert {"reference", "cpu", "torch", "triton"} <= set(dispatch.kernel_names())
+    assert dispatch.get_kernel("torch") is __import__("lte_compile.kernels.cpu", fromlist=["x"]).sparse_ffn_torch
+    with pytest.raises(ValueError, match="not"):
+        with dispatch.set_kernel("no-such-kernel"):
+            pass
+    calls = []
+
+    def spy(*args):
+        calls.append(args[8])
+        return dispatch.get_kernel("reference")(*args)
+
+    dispatch.register_kernel("test-spy", spy)
+    try:
+        args = _sample("hard", T=2)
+        with dispatch.set_kernel("test-spy"):
+            y = torch.ops.lte.sparse_ffn(*args)
+        assert calls == ["silu"]
+        torch.testing.assert_close(y, dispatch.get_kernel("reference")(*args))
+    finally:
+        dispatch._KERNELS.pop("test-spy")
+
+
+def test_cpu_use_does_not_import_the_triton_kernel():
+    """The Triton kernel module registers itself on first lookup of "triton" only."""
+    code = ("import sys, torch, lte_compile.kernels as k\n"
+            "x, g, w = torch.randn(2, 8), torch.rand(2, 2), torch.randn(8, 8)\n"
+            "torch.ops.lte.sparse_ffn(x, g, w, None, w, None, None, None, 'relu', 4, 'hard', 0.5)\n"
+            "assert 'lte_compile.kernels.sparse_ffn_triton' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
