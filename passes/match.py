@@ -33,10 +33,11 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
+from ..kernels.ops import ApplyGatesArgs
 from .ffn import ACTIVATIONS, FFNMatch, FFNReport, LinearRef, NearMiss
 from .forms import (Activation, Projection, find_projections, is_passthrough, is_row_view,
                     match_activation, match_slice, strip_back)
-from .fx_utils import ParamInfo, arg, graph_params, is_scalar, op_name, to_networkx
+from .fx_utils import ParamInfo, graph_params, is_scalar, op_name, to_networkx
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def _match_at(down: Projection, ctx: _Context) -> FFNMatch | NearMiss | None:
         x_views += gate_views
     out, out_views = _output_of(down)
     region = {*hidden.nodes, *up.nodes, *(gate.nodes if gate else []), *down.nodes, *x_views, *out_views}
-    gates_node = arg(hidden.apply_gates, 1, "gates") if hidden.apply_gates is not None else None
+    gates_node = ApplyGatesArgs.from_node(hidden.apply_gates).gates if hidden.apply_gates is not None else None
     problem = _region_problem(region, x, out, gates_node, ctx)
     if problem:
         return NearMiss(down.node, problem, module)
@@ -228,7 +229,7 @@ def _hidden(down: Projection, ctx: _Context) -> _Hidden | NearMiss | None:
     apply_gates = None
     if op_name(h) == _APPLY_GATES:
         apply_gates = h
-        h, more = strip_back(h.args[0])
+        h, more = strip_back(ApplyGatesArgs.from_node(apply_gates).h)
         passed += [apply_gates, *more]
     act = match_activation(h)
     up = ctx.branch(act.input) if act is not None else None
@@ -361,16 +362,14 @@ def _form_of(up: _Branch, gate: _Branch | None) -> str:
 
 def _build_match(module: str, x: fx.Node, out: fx.Node, hidden: _Hidden, down: Projection,
                  gates_node: fx.Node | None, nodes: list[fx.Node]) -> FFNMatch:
-    ag = hidden.apply_gates
+    ag = ApplyGatesArgs.from_node(hidden.apply_gates) if hidden.apply_gates is not None else None
     return FFNMatch(
         module=module, input_node=x, output_node=out,
         up=hidden.up.ref(), down=replace(down.ref, node=down.node),
         gate=hidden.gate.ref() if hidden.gate else None,
         activation=hidden.act.name, glu=hidden.gate is not None,
         d_model=hidden.up.proj.in_features, d_ff=hidden.up.width, d_out=down.out_features,
-        form=_form_of(hidden.up, hidden.gate), gates_node=gates_node, apply_gates_node=ag,
-        expert_size=arg(ag, 2, "expert_size") if ag is not None else None,
-        mode=arg(ag, 3, "mode") if ag is not None else None,
-        tau=arg(ag, 4, "tau") if ag is not None else None,
+        form=_form_of(hidden.up, hidden.gate), gates_node=gates_node, apply_gates_node=hidden.apply_gates,
+        expert_size=ag.expert_size if ag else None, mode=ag.mode if ag else None, tau=ag.tau if ag else None,
         nodes=nodes,
     )

@@ -1,6 +1,6 @@
 """Balanced k-means: equal-size experts, a valid permutation, and it actually clusters."""
 import torch
-from tests.strategies import examples
+from lte_compile.testing import examples
 from hypothesis import given, settings, strategies as st
 
 from lte_compile.plan.cluster import balanced_assign, balanced_kmeans, expert_permutation
