@@ -2,12 +2,72 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
 
 MODES = ("dense", "soft", "hard")
+
+
+# ----------------------------------------------------------------------------- field checks
+# Shared by Config and training.TrainConfig: types first (a bool is not an int or a float here, a
+# string is not a number), then finiteness, then the range. Each failure is a ConfigError naming
+# the field.
+def check_int(name: str, value: Any, minimum: int | None = None, *, hint: str = "") -> int:
+    """`value` must be an int (not a bool) >= `minimum`."""
+    allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ConfigError(name, value, allowed, hint)
+    return value
+
+
+def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False, optional: bool = False, allowed: str = "",
+                hint: str = "") -> float | None:
+    """`value` must be a finite real number (int or float, not a bool or a string) in the range;
+    None passes when `optional`."""
+    if value is None and optional:
+        return None
+    if not allowed:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        rng = f" in {lo}, {hi}" if lo and hi else (f" {'>' if low_open else '>='} {low}" if lo else
+                                                   (f" {'<' if high_open else '<='} {high}" if hi else ""))
+        allowed = ("None or " if optional else "") + "a finite float" + rng
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ConfigError(name, value, allowed, hint)
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "True or False")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple, allowed: str = "") -> Any:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(name, value, allowed or f"one of {choices}")
+    return value
+
+
+def check_path(name: str, value: Any, *, optional: bool = True) -> str | None:
+    """A directory name as str (a str or os.PathLike), or None when `optional`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, value, ("None or " if optional else "") + "a directory path (str or pathlib.Path)")
+    return value
 
 
 @dataclass
@@ -51,18 +111,21 @@ class Config:
     """Free-form metadata saved with the state (e.g. training settings)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.expert_size, int) or self.expert_size <= 0:
+        """Types first (bool is not an int; "0.5" is not a float), then finiteness and ranges."""
+        if isinstance(self.expert_size, bool) or not isinstance(self.expert_size, int) or self.expert_size <= 0:
             raise ConfigError("expert_size", self.expert_size, "an integer > 0", "32 is the paper's default")
-        if not (0.0 < float(self.tau) < 1.0):
-            raise ConfigError("tau", self.tau, "a float in (0, 1) (a sigmoid output threshold)", "0.5 is the paper's default")
-        if self.kmeans_iters < 0:
-            raise ConfigError("kmeans_iters", self.kmeans_iters, "an integer >= 0")
-        if self.router_init_std is not None and self.router_init_std < 0:
-            raise ConfigError("router_init_std", self.router_init_std, "None or a float >= 0")
-        if self.on_unsupported not in ("skip", "error"):
-            raise ConfigError("on_unsupported", self.on_unsupported, "'skip' or 'error'")
-        if self.mode not in MODES:
-            raise ConfigError("mode", self.mode, f"one of {MODES}")
+        self.tau = check_float("tau", self.tau, low=0.0, high=1.0, low_open=True, high_open=True,
+                               allowed="a float in (0, 1) (a sigmoid output threshold)", hint="0.5 is the paper's default")
+        check_int("kmeans_iters", self.kmeans_iters, 0)
+        check_int("seed", self.seed)
+        self.router_init_std = check_float("router_init_std", self.router_init_std, low=0.0, optional=True)
+        self.router_bias_init = check_float("router_bias_init", self.router_bias_init,
+                                            hint="sigmoid(bias) is the initial gate level; 0.0 starts at 0.5")
+        check_choice("on_unsupported", self.on_unsupported, ("skip", "error"), "'skip' or 'error'")
+        check_bool("kernel_layout", self.kernel_layout)
+        check_choice("mode", self.mode, MODES)
+        if not isinstance(self.extra, dict):
+            raise ConfigError("extra", self.extra, "a dict")
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.VERSION, **dataclasses.asdict(self)}

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from ..config import check_bool, check_choice, check_float, check_int, check_path
 from ..errors import ConfigError
 from .losses import DEFAULT_EPS, DEFAULT_LAMBDA
 
@@ -89,31 +90,35 @@ class TrainConfig:
     """Free-form metadata, saved with every checkpoint's config."""
 
     def __post_init__(self) -> None:
-        for name in ("stage1_steps", "stage2_steps", "checkpoint_every", "warmup_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(name, getattr(self, name), "an integer >= 0")
+        """Types first (bool is not an int; "0.5" is not a float; NaN/inf are refused), then ranges."""
+        for name in ("stage1_steps", "stage2_steps", "checkpoint_every", "warmup_steps", "keep_checkpoints"):
+            check_int(name, getattr(self, name), 0)
         for name in ("batch_size", "eval_batches", "log_every", "calibration_batches"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "an integer >= 1")
-        if self.seq_len < 2:
-            raise ConfigError("seq_len", self.seq_len, "an integer >= 2")
-        if self.target_sparsity is not None and not (0.0 < self.target_sparsity < 1.0):
-            raise ConfigError("target_sparsity", self.target_sparsity, "None or a float in (0, 1) (fraction of experts off)",
-                              "0.5 switches off half of the FFN experts")
+            check_int(name, getattr(self, name), 1)
+        check_int("seq_len", self.seq_len, 2)
+        check_int("seed", self.seed)
+        self.target_sparsity = check_float(
+            "target_sparsity", self.target_sparsity, low=0.0, high=1.0, low_open=True, high_open=True, optional=True,
+            allowed="None or a float in (0, 1) (fraction of experts off)", hint="0.5 switches off half of the FFN experts")
         for name in ("eta", "lam", "model_lr", "stage2_lr", "router_lr", "router_weight_decay",
                      "model_weight_decay", "grad_clip"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
-                raise ConfigError(name, getattr(self, name), "a float >= 0")
-        if self.sep_eps <= 0:
-            raise ConfigError("sep_eps", self.sep_eps, "a float > 0", "L_sep diverges at G = tau without it")
-        if not (0.0 < self.sparsity_tolerance < 0.5):
-            raise ConfigError("sparsity_tolerance", self.sparsity_tolerance, "a float in (0, 0.5)")
-        if not (0.0 < self.heldout_fraction < 0.5):
-            raise ConfigError("heldout_fraction", self.heldout_fraction, "a float in (0, 0.5)")
-        if self.task not in TASKS:
-            raise ConfigError("task", self.task, f"one of {TASKS}")
-        if self.distributed not in ("auto", "ddp", "fsdp", "none"):
-            raise ConfigError("distributed", self.distributed, "'auto', 'ddp', 'fsdp' or 'none'")
+            setattr(self, name, check_float(name, getattr(self, name), low=0.0, allowed="a finite float >= 0"))
+        self.sep_eps = check_float("sep_eps", self.sep_eps, low=0.0, low_open=True, allowed="a float > 0",
+                                   hint="L_sep diverges at G = tau without it")
+        self.sparsity_tolerance = check_float("sparsity_tolerance", self.sparsity_tolerance, low=0.0, high=0.5,
+                                              low_open=True, high_open=True, allowed="a float in (0, 0.5)")
+        self.controller_gain = check_float("controller_gain", self.controller_gain, low=0.0, high=1.0, low_open=True,
+                                           allowed="a float in (0, 1]")
+        self.heldout_fraction = check_float("heldout_fraction", self.heldout_fraction, low=0.0, high=0.5,
+                                            low_open=True, high_open=True, allowed="a float in (0, 0.5)")
+        check_choice("task", self.task, TASKS)
+        check_choice("distributed", self.distributed, ("auto", "ddp", "fsdp", "none"),
+                     "'auto', 'ddp', 'fsdp' or 'none'")
+        for name in ("resume", "progress", "plots"):
+            check_bool(name, getattr(self, name))
+        self.out_dir = check_path("out_dir", self.out_dir)
+        if not isinstance(self.extra, dict):
+            raise ConfigError("extra", self.extra, "a dict")
         if self.distributed == "fsdp" and self.checkpoint_every:
             raise ConfigError("checkpoint_every", self.checkpoint_every, "0 with distributed='fsdp'",
                               "checkpoints of sharded models are not written yet; use 'ddp' to checkpoint")

@@ -47,3 +47,30 @@ def test_checkpoints_need_an_out_dir_and_unknown_overrides_are_named():
 def test_a_batch_without_input_ids_is_refused():
     with pytest.raises(ConfigError, match="input_ids"):
         train(tiny_llama(), [{"x": torch.zeros(2, 4)}] * 3, TrainConfig(**FAST))
+
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("target_sparsity", "0.5"), ("target_sparsity", _NAN), ("target_sparsity", True),
+    ("seq_len", 2.5), ("seq_len", True), ("seq_len", "256"), ("batch_size", True), ("batch_size", 4.0),
+    ("stage1_steps", 1.5), ("stage2_steps", None), ("checkpoint_every", False), ("warmup_steps", 2.0),
+    ("eval_batches", "2"), ("log_every", 0.5), ("calibration_batches", True), ("keep_checkpoints", -1),
+    ("seed", 0.5), ("eta", _NAN), ("eta", _INF), ("eta", "1"), ("lam", _NAN), ("lam", True),
+    ("model_lr", _INF), ("stage2_lr", "1e-4"), ("router_lr", _NAN), ("router_weight_decay", None),
+    ("model_weight_decay", _NAN), ("grad_clip", _INF), ("sep_eps", _NAN), ("sep_eps", "0.01"),
+    ("sparsity_tolerance", _NAN), ("controller_gain", 0.0), ("controller_gain", _NAN),
+    ("heldout_fraction", "0.1"), ("task", 1), ("distributed", None), ("resume", "yes"), ("progress", 1),
+    ("plots", None), ("out_dir", 3), ("extra", "x"),
+])
+def test_train_config_types_and_finiteness_are_checked_up_front(field, value):
+    """Issue 11 defect 8: each bad value raises ConfigError naming the field (no later TypeError)."""
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**{field: value})
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_train_config_accepts_a_path_out_dir_and_int_floats(tmp_path):
+    cfg = TrainConfig(out_dir=tmp_path, eta=1, target_sparsity=None)
+    assert cfg.out_dir == str(tmp_path) and isinstance(cfg.eta, float)
