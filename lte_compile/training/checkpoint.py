@@ -7,12 +7,16 @@
   `<param index>.<key>`, its param groups and scalar state in JSON;
 - `rng_rank<r>.safetensors` + `meta.json["rng"]`: torch (and CUDA), numpy and Python RNG states
   of each rank;
-- `meta.json`: stage, step, scheduler state, data position, controller state, driver settings.
+- `meta.json`: stage, step, scheduler state, data position, controller state, driver settings and
+  the run's `fingerprint` (`run_fingerprint`: the TrainConfig fields that shape the run, the model
+  class, every state tensor's name/shape/dtype, the LTE layout). Resuming compares it with the
+  run at hand (`check_fingerprint`) and refuses another run's checkpoints.
 A checkpoint is written into a temporary directory and renamed, so a kill mid-write leaves the
 previous checkpoint intact. Only rank 0 writes the shared files; every rank writes its RNG file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -25,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
+
+from ..errors import StateMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,85 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     found = [(_STAGE_ORDER[m.group(1)], int(m.group(2)), p) for p in d.iterdir()
              if (m := _NAME.match(p.name)) and (p / "meta.json").exists()]
     return max(found)[2] if found else None
+
+
+# ----------------------------------------------------------------------------- run fingerprint
+TRAIN_FIELDS = ("stage1_steps", "stage2_steps", "eta", "lam", "sep_eps", "target_sparsity", "sparsity_tolerance",
+                "controller_gain", "calibration_batches", "model_lr", "stage2_lr", "router_lr",
+                "router_weight_decay", "model_weight_decay", "warmup_steps", "grad_clip", "batch_size", "seq_len",
+                "heldout_fraction", "task", "seed")
+"""TrainConfig fields that shape a run's trajectory; the others (logging, out_dir, checkpoint
+cadence, progress, plots, resume) may differ between a run and its resume."""
+
+
+def run_fingerprint(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it: the TrainConfig fields in
+    `TRAIN_FIELDS`, the model class, a digest of every state tensor's (name, shape, dtype) and
+    the LTE layout (config, and per FFN its name, d_model, d_ff, experts x expert size).
+    Weights are not part of it: a resumed process starts from a fresh model by design."""
+    from ..plan import config_of, routers
+
+    lte_cfg = config_of(model)
+    layout = [{"ffn": name, "d_model": r.spec.d_model, "d_ff": r.spec.d_ff, "experts": r.num_experts,
+               "expert_size": r.expert_size} for name, r in routers(model).items()]
+    tensors = [f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in model.state_dict().items()]
+    digest = hashlib.sha256("\n".join(tensors).encode()).hexdigest()[:16]
+    return {"train": {k: config.get(k) for k in TRAIN_FIELDS},
+            "model": {"class": type(model).__name__, "tensors": digest,
+                      "lte": {"expert_size": lte_cfg.expert_size, "tau": lte_cfg.tau}, "ffns": layout}}
+
+
+def fingerprint_differences(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between a checkpoint's fingerprint and the current run's."""
+    if not saved:
+        return ["the checkpoint has no run fingerprint (written by an older lte_compile)"]
+    out = []
+    for k in TRAIN_FIELDS:
+        a, b = saved.get("train", {}).get(k), current["train"].get(k)
+        if a != b:
+            out.append(f"TrainConfig.{k}: checkpoint {a!r}, this run {b!r}")
+    sm, cm = saved.get("model", {}), current["model"]
+    if sm.get("class") != cm["class"]:
+        out.append(f"model class: checkpoint {sm.get('class')!r}, this run {cm['class']!r}")
+    if sm.get("lte") != cm["lte"]:
+        out.append(f"LTE config: checkpoint {sm.get('lte')}, this run {cm['lte']}")
+    if sm.get("ffns") != cm["ffns"]:
+        s_ffns = {f["ffn"]: f for f in sm.get("ffns", [])}
+        c_ffns = {f["ffn"]: f for f in cm["ffns"]}
+        diff = [n for n in sorted(set(s_ffns) | set(c_ffns)) if s_ffns.get(n) != c_ffns.get(n)]
+        out.append(f"LTE FFN layout differs at {diff[:4]}{' ...' if len(diff) > 4 else ''}")
+    if sm.get("tensors") != cm["tensors"]:
+        out.append("model state (tensor names, shapes or dtypes) differs")
+    return out
+
+
+def check_fingerprint(ckpt: Path, current: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's meta, if it belongs to the run `current` describes; else StateMismatchError
+    naming the directory, what differs and the fix."""
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StateMismatchError(f"{ckpt / 'meta.json'}: unreadable checkpoint metadata ({e}); use a new out_dir "
+                                 "or resume=False to start over") from e
+    diffs = fingerprint_differences(meta.get("fingerprint"), current)
+    if diffs:
+        raise StateMismatchError(
+            f"{ckpt.parent.parent}: holds checkpoints of another run ({'; '.join(diffs)}); resuming would replace "
+            "this model with that run's weights. Use a new out_dir, or pass resume=False to start over in this "
+            "directory (its checkpoints and log are then replaced)")
+    return meta
+
+
+def clear_checkpoints(directory: str | Path) -> int:
+    """Delete every checkpoint (and unfinished .tmp) under `directory`; returns how many."""
+    d = Path(directory)
+    if not d.is_dir():
+        return 0
+    gone = [p for p in d.iterdir() if p.is_dir() and (_NAME.match(p.name) or
+                                                      (p.name.endswith(".tmp") and _NAME.match(p.name[:-4])))]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(gone)
 
 
 # ----------------------------------------------------------------------------- optimizer / rng
@@ -133,7 +218,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     meta = json.loads((src / "meta.json").read_text())
     missing, unexpected = load_model(model, str(src / "model.safetensors"), strict=False)
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise RuntimeError(f"{src}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})")
+        raise StateMismatchError(f"{src}: checkpoint does not fit the model (missing {missing}, unexpected "
+                                 f"{unexpected}); use a new out_dir or resume=False")
     if optimizer is not None:
         optimizer_from_flat(optimizer, load_file(str(src / "optimizer.safetensors")), meta["optimizer"])
     if scheduler is not None and meta.get("scheduler") is not None:

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError, NotPreparedError
 from ..plan import config_of, is_prepared, routers, set_mode
 from .batches import make_batches, prepare_batch, task_loss
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (check_fingerprint, clear_checkpoints, latest_checkpoint, load_checkpoint, run_fingerprint,
+                         save_checkpoint)
 from .config import LossFn, TrainConfig, TrainResult
 from .controller import SparsityController
 from .distributed import fsdp_shard, rank_and_world, reduce_mean, reduce_stats, wrap_model
@@ -54,6 +55,7 @@ class _Run:
         out = Path(cfg.out_dir) if cfg.out_dir else None
         self.ckpt_dir = out / "checkpoints" if out else None
         self.telemetry = Telemetry(out, enabled=self.rank == 0, progress=cfg.progress)
+        self.fingerprint = run_fingerprint(model, cfg.to_dict())
 
     # -- optimizers
     def _optimizer(self, stage: str) -> tuple[torch.optim.Optimizer, Any]:
@@ -81,7 +83,9 @@ class _Run:
         gates, stats, loss = forward_batches(self.model, batches, self.cfg.task, self.loss_fn)
         return list(gates.values()), reduce_stats(stats, self.world), reduce_mean({"loss": loss}, self.world)["loss"]
 
-    def calibrate(self, batches: list[dict[str, Tensor]], what: str) -> float:
+    def calibrate(self, batches: list[dict[str, Tensor]], what: str, at: tuple[str, int]) -> float:
+        """Calibrate the bias; `at` = (stage, step) the record is filed under, so a resume from a
+        checkpoint taken before it drops it from log.jsonl (it runs again)."""
         def collect():
             gates, stats, _ = self.collect(batches)
             return gates, stats.overall()
@@ -89,7 +93,7 @@ class _Run:
         measured = self.controller.calibrate(self.routers, collect, self.tau)
         logger.info("%s: sparsity %.4f (target %.3f), bias shift %+.3f", what, measured, self.controller.target,
                     self.controller.shift)
-        self.telemetry.log({"kind": "calibration", "what": what, "sparsity": measured,
+        self.telemetry.log({"kind": "calibration", "stage": at[0], "step": at[1], "what": what, "sparsity": measured,
                             "target": self.controller.target, "bias_shift": self.controller.shift})
         return measured
 
@@ -138,15 +142,22 @@ class _Run:
         self.telemetry.close_bar()
 
     def save(self, stage: str, step: int, opt, sched) -> None:
-        meta = {"data": self.train_data.state_dict(), "config": self.cfg.to_dict(),
+        meta = {"data": self.train_data.state_dict(), "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
                 "controller": self.controller.state_dict() if self.controller else None}
         save_checkpoint(self.ckpt_dir, stage=stage, step=step, model=self.model, optimizer=opt, scheduler=sched,
                         meta=meta, rank=self.rank, world_size=self.world, keep=self.cfg.keep_checkpoints)
 
     def resume_point(self) -> tuple[str, int, Path | None]:
-        ckpt = latest_checkpoint(self.ckpt_dir) if (self.cfg.resume and self.ckpt_dir) else None
+        if self.ckpt_dir is None:
+            return "stage1", 0, None
+        if not self.cfg.resume:
+            if self.rank == 0 and (n := clear_checkpoints(self.ckpt_dir)):
+                logger.warning("resume=False: deleted %d checkpoint(s) of an earlier run in %s", n, self.ckpt_dir)
+            return "stage1", 0, None
+        ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is None:
             return "stage1", 0, None
+        check_fingerprint(ckpt, self.fingerprint)  # another run's checkpoints: refuse, never overwrite the model
         stage, step = ckpt.name.split("_")[1], int(ckpt.name.split("_")[2])
         return stage, step, ckpt
 
@@ -172,11 +183,11 @@ class _Run:
             if ckpt is not None:
                 self.restore(ckpt, opt, sched)
             elif self.controller is not None:
-                self.calibrate(self._calibration_batches(), "warm start (soft)")
+                self.calibrate(self._calibration_batches(), "warm start (soft)", ("stage1", 0))
             self.run_stage("stage1", step, opt, sched)
             self._set_stage("stage2")
             if self.controller is not None:
-                self.calibrate(self._calibration_batches(), "end of stage 1 (hard)")
+                self.calibrate(self._calibration_batches(), "end of stage 1 (hard)", ("stage2", 0))
             step, ckpt = 0, None
         self._set_stage("stage2")
         opt, sched = self._optimizer("stage2")
@@ -190,7 +201,7 @@ class _Run:
         if self.controller is not None and abs(stats.overall() - self.controller.target) > self.cfg.sparsity_tolerance:
             logger.warning("held-out sparsity %.4f is off target %.3f by more than %.3f: recalibrating the bias",
                            stats.overall(), self.controller.target, self.cfg.sparsity_tolerance)
-            self.calibrate(self.heldout, "held-out recalibration (hard)")
+            self.calibrate(self.heldout, "held-out recalibration (hard)", ("final", 0))
             _, stats, loss = self.collect(self.heldout)
         rec = {"kind": "eval", "stage": "final", "eval_loss": loss, "sparsity": stats.overall(),
                "sparsity_per_layer": stats.sparsity(), "active_per_token": stats.active_per_token(),

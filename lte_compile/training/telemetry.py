@@ -71,8 +71,10 @@ class Telemetry:
             self.records = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
 
     def truncate_after(self, stage: str, step: int) -> None:
-        """Drop records past a checkpoint (they will be logged again after resuming)."""
-        order = {"stage1": 1, "stage2": 2}
+        """Drop records past a checkpoint (they will be logged again after resuming): steps after it,
+        calibrations filed after it, and the final records (`stage` 'final': `finish` always runs
+        again, so a re-run on a finished directory does not append a second final record)."""
+        order = {"stage1": 1, "stage2": 2, "final": 3}
         keep = [r for r in self.records
                 if (order.get(r.get("stage"), 0), r.get("step", 0)) <= (order.get(stage, 0), step)]
         self.records = keep
