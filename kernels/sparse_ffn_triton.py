@@ -319,47 +319,59 @@ def sparse_ffn_triton(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | N
     Any strides work (they are kernel arguments); dtypes fp32/fp16/bf16, accumulation in fp32.
     """
     T, d = x.shape
+    N, d_out = w_down.shape
+    assert N == gates.shape[1] * expert_size and w_up.shape == (N, d), "lte sparse_ffn_triton: shapes do not match"
+    launch = _launch_decode if T <= DECODE_MAX_T else _launch_grouped
+    return launch(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, _ACT_CODES[act], expert_size,
+                  mode, tau, interp=_interpreting())
+
+
+def _launch_decode(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_code, B, mode, tau, *, interp):
+    """Few tokens: one program per expert computes h for the tokens using it (multiply + sum: no
+    `tl.dot`, whose minimum size is 16), then column tiles of y gather the used experts' rows."""
+    T, d = x.shape
     E = gates.shape[1]
     N, d_out = w_down.shape
-    B = expert_size
-    assert N == E * B and w_up.shape == (N, d), "lte sparse_ffn_triton: shapes do not match"
-    interp = _interpreting()
-    glu = w_gate is not None
-    act_code = _ACT_CODES[act]
-    hard = mode == "hard"
-    tau_g = _tau_in(gates.dtype, tau)
+    glu, hard, tau_g = w_gate is not None, mode == "hard", _tau_in(gates.dtype, tau)
     wg = w_gate if glu else w_up  # placeholder pointer when there is no gate (never loaded)
-    block_e = max(16, triton.next_power_of_2(B))
     dummy = w_up  # stands in for absent biases (never loaded: HAS_* flags are False)
+    block_t = max(2, triton.next_power_of_2(T))
+    h = torch.empty(T, N, dtype=torch.float32, device=x.device)  # only used pairs written
+    y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
+    up_args = (x, gates, w_up, wg, b_up if b_up is not None else dummy,
+               b_gate if b_gate is not None else dummy, h, T, d, tau_g,
+               x.stride(0), x.stride(1), gates.stride(0), gates.stride(1),
+               w_up.stride(0), w_up.stride(1), wg.stride(0), wg.stride(1), h.stride(0), h.stride(1))
+    up_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, ACT=act_code, GLU=glu,
+                   HAS_BU=b_up is not None, HAS_BG=b_gate is not None, HARD=hard)
+    down_args = (h, gates, w_down, b_down if b_down is not None else dummy, y, T, E, d_out,
+                 tau_g, h.stride(0), h.stride(1), gates.stride(0), gates.stride(1),
+                 w_down.stride(0), w_down.stride(1), y.stride(0), y.stride(1))
+    down_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(B),
+                     HAS_BD=b_down is not None, HARD=hard)
+    if interp or not x.is_cuda:
+        bb = triton.next_power_of_2(B)
+        _decode_up_kernel[(E, 1)](*up_args, BLOCK_B=bb, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"], **up_meta)
+        _decode_down_kernel[(triton.cdiv(d_out, _INTERP_BLOCKS["BLOCK_D"]),)](
+            *down_args, BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], **down_meta)
+    else:
+        _tuned("up")[lambda meta: (E, triton.cdiv(B, meta["BLOCK_B"]))](*up_args, **up_meta)
+        _tuned("down")[lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]),)](*down_args, **down_meta)
+    return y
 
-    if T <= DECODE_MAX_T:
-        block_t = max(2, triton.next_power_of_2(T))
-        h = torch.empty(T, N, dtype=torch.float32, device=x.device)  # only used pairs written
-        y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
-        up_args = (x, gates, w_up, wg, b_up if b_up is not None else dummy,
-                   b_gate if b_gate is not None else dummy, h, T, d, tau_g,
-                   x.stride(0), x.stride(1), gates.stride(0), gates.stride(1),
-                   w_up.stride(0), w_up.stride(1), wg.stride(0), wg.stride(1), h.stride(0), h.stride(1))
-        up_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, ACT=act_code, GLU=glu,
-                       HAS_BU=b_up is not None, HAS_BG=b_gate is not None, HARD=hard)
-        down_args = (h, gates, w_down, b_down if b_down is not None else dummy, y, T, E, d_out,
-                     tau_g, h.stride(0), h.stride(1), gates.stride(0), gates.stride(1),
-                     w_down.stride(0), w_down.stride(1), y.stride(0), y.stride(1))
-        down_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(B),
-                         HAS_BD=b_down is not None, HARD=hard)
-        if interp or not x.is_cuda:
-            bb = triton.next_power_of_2(B)
-            _decode_up_kernel[(E, 1)](*up_args, BLOCK_B=bb, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"], **up_meta)
-            _decode_down_kernel[(triton.cdiv(d_out, _INTERP_BLOCKS["BLOCK_D"]),)](
-                *down_args, BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], **down_meta)
-        else:
-            _tuned("up")[lambda meta: (E, triton.cdiv(B, meta["BLOCK_B"]))](*up_args, **up_meta)
-            _tuned("down")[lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]),)](*down_args, **down_meta)
-        return y
 
-    # grouped path
-    block_m = _INTERP_BLOCKS["BLOCK_M"] if interp else 64
+def _launch_grouped(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_code, B, mode, tau, *, interp):
+    """Batches: (token, expert) pairs sorted by expert into BLOCK_M tiles, one `tl.dot` GEMM tile
+    per program (gathering x rows, scattering into y), as MoE kernels do."""
     from .reference import expert_scale
+
+    T, d = x.shape
+    E = gates.shape[1]
+    N, d_out = w_down.shape
+    glu = w_gate is not None
+    wg = w_gate if glu else w_up  # placeholder pointer when there is no gate (never loaded)
+    dummy = w_up  # stands in for absent biases (never loaded: HAS_* flags are False)
+    block_m = _INTERP_BLOCKS["BLOCK_M"] if interp else 64
     scale = expert_scale(gates, mode, tau, torch.float32)  # [T, E]
     tok, pair_scale, tile_expert = group_by_expert(scale, block_m)
     y32 = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
@@ -367,8 +379,8 @@ def sparse_ffn_triton(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | N
             b_up if b_up is not None else dummy, b_gate if b_gate is not None else dummy, y32,
             E, d, d_out, x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1),
             wg.stride(0), wg.stride(1), w_down.stride(0), w_down.stride(1), y32.stride(0), y32.stride(1))
-    meta = dict(EXPERT_SIZE=B, BLOCK_M=block_m, BLOCK_E=block_e, ACT=act_code, GLU=glu,
-                HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
+    meta = dict(EXPERT_SIZE=B, BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(B)), ACT=act_code,
+                GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
                 UPCAST_DOT=interp and x.dtype == torch.bfloat16,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     grid = (tile_expert.shape[0],)
