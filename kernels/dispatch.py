@@ -8,11 +8,14 @@ lookup only (`_PROVIDERS`), so CPU-only use never imports triton.
 
     device  mode  dtype             kernel
     cuda    hard  fp32/fp16/bf16    Triton (sparse_ffn_triton: decode path T <= 8, grouped above)
-    cpu     hard  fp32/fp16/bf16    C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a compiler),
-                                    except compute-bound batches (T >= 32) whose density of used
-                                    (token, expert) pairs is above CPU_DENSE_ABOVE: the reference
-                                    (dense MKL/oneDNN, then masked) is faster there; bf16 has a
-                                    higher threshold where the kernel has its AVX512-BF16 path
+    cpu     hard  fp32/fp16/bf16    T <= 4: C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a
+                                    compiler). Larger T: C++ or the reference (dense MKL/oneDNN, then
+                                    masked), whichever was faster when both were timed on this
+                                    machine for this shape bucket (`autotune.py`: measured once,
+                                    cached per machine and torch/kernel version). With autotuning
+                                    off (LTE_AUTOTUNE=0) or for tiny problems, the constant rule:
+                                    the reference for batches (T >= CPU_BATCH_T) whose density of
+                                    used (token, expert) pairs is above CPU_DENSE_ABOVE
     any     soft  any               reference: every expert is computed (gates scale, never skip),
                                     and dense BLAS/cuBLAS is the fastest way to compute them all
     any     any   float64, other    reference
@@ -29,12 +32,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import autotune
 from .reference import sparse_ffn_reference
 
 Kernel = Callable[..., Tensor]  # the signature of reference.sparse_ffn_reference
 
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Batch thresholds of the CPU rule, measured with benchmarks/bench_kernels.py (figures and
+# The constant CPU rule (autotuning off, or problems too small to time): batch thresholds measured with benchmarks/bench_kernels.py (figures and
 # machines in benchmarks/RESULTS.md): per used (token, expert) pair the C++ kernel's fp32-FMA path
 # costs more than a dense MKL (fp32) or oneDNN (bf16, AVX512-BF16 dot products) GEMM, so from
 # CPU_BATCH_T tokens on it wins only below these pair densities.
@@ -95,22 +99,56 @@ def _cpu_dense_above(dtype: torch.dtype) -> float:
     return CPU_DENSE_ABOVE[dtype]
 
 
-def choose_kernel(x: Tensor, w_up: Tensor, mode: str, gates: Tensor | None = None,
-                  tau: float = 0.5) -> str:
-    """Name of the kernel `sparse_ffn_forward` runs for these inputs (gates: for the CPU batch rule)."""
-    if _forced is not None:
-        return _forced
-    if mode != "hard" or x.dtype not in _FAST_DTYPES or w_up.dtype != x.dtype:
+def constant_rule(dtype: torch.dtype, T: int, density: float) -> str:
+    """The CPU choice without measurements (thresholds measured on one AVX-512 machine)."""
+    if T >= CPU_BATCH_T and density > _cpu_dense_above(dtype):
         return "reference"
+    return "cpu"
+
+
+def _density(gates: Tensor, tau: float) -> float:
+    return (gates > tau).float().mean().item()  # CPU: no device sync to worry about
+
+
+def choose_kernel(x: Tensor, w_up: Tensor, mode: str, gates: Tensor | None = None,
+                  tau: float = 0.5, *, w_gate: Tensor | None = None, w_down: Tensor | None = None,
+                  run: Callable[[str], Tensor] | None = None) -> str:
+    """Name of the kernel `sparse_ffn_forward` runs for these inputs.
+
+    CPU hard mode with gates and T > autotune.SMALL_T: the measured decision of this shape bucket
+    (w_gate / w_down complete the bucket; without w_down, d_out = d is assumed). If the bucket
+    has none yet, `run(name)` (the call itself, by kernel name) is timed to make one; without
+    `run`, the constant rule answers (`sparse_ffn_forward` passes `run` and reuses the output of
+    the timed winner, so the call that measures is not computed once more).
+    """
+    return _choose(x, w_up, mode, gates, tau, w_gate, w_down, run)[0]
+
+
+def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run) -> tuple[str, Tensor | None]:
+    if _forced is not None:
+        return _forced, None
+    if mode != "hard" or x.dtype not in _FAST_DTYPES or w_up.dtype != x.dtype:
+        return "reference", None
     if x.is_cuda:
-        return "triton"
-    if x.device.type == "cpu":
-        if gates is not None and x.shape[0] >= CPU_BATCH_T:
-            density = (gates > tau).float().mean().item()  # CPU: no device sync to worry about
-            if density > _cpu_dense_above(x.dtype):
-                return "reference"
-        return "cpu"
-    return "reference"
+        return "triton", None
+    if x.device.type != "cpu":
+        return "reference", None
+    T = x.shape[0]
+    if gates is None or T <= autotune.SMALL_T:
+        return "cpu", None  # memory-bound decode: the gathered kernel reads a subset of the bytes
+    density = _density(gates, tau)
+    n, d = w_up.shape
+    if not autotune.enabled() or T * n * d < autotune.MIN_WORK or gates.shape[1] == 0 or n % gates.shape[1]:
+        return constant_rule(x.dtype, T, density), None
+    d_out = d if w_down is None else w_down.shape[1]
+    key = autotune.bucket(x.dtype, d, d_out, n, n // gates.shape[1], w_gate is not None, T, density)
+    tuner = autotune.tuner()
+    hit = tuner.lookup(key)
+    if hit is not None:
+        return hit, None
+    if run is None:
+        return constant_rule(x.dtype, T, density), None
+    return tuner.measure(key, run)
 
 
 def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,
@@ -118,5 +156,6 @@ def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | 
                        b_down: Tensor | None, act: str, expert_size: int, mode: str,
                        tau: float) -> Tensor:
     """Forward of the sparse FFN op on real tensors (same contract as the reference)."""
-    kernel = get_kernel(choose_kernel(x, w_up, mode, gates, tau))
-    return kernel(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)
+    args = (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)
+    name, out = _choose(x, w_up, mode, gates, tau, w_gate, w_down, lambda k: get_kernel(k)(*args))
+    return out if out is not None else get_kernel(name)(*args)
