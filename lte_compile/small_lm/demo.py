@@ -97,7 +97,7 @@ def finetune_dense(model, train_ids, steps: int, lr: float, batch_size: int, seq
     model.eval()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lte_compile.small_lm.demo", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
     p.add_argument("--model-dir", default=None, help="a small LM saved by lte_compile.small_lm.model (default: the shipped one)")
@@ -111,16 +111,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--decode-reps", type=int, default=5)
-    p.add_argument("--fair-dense", action="store_true",
-                   help="also fine-tune the dense model for steps1+steps2 steps and report its perplexity")
+    p.add_argument("--no-fair-dense", dest="fair_dense", action="store_false",
+                   help="skip the equal-budget baseline (the dense model fine-tuned for steps1+steps2 steps)")
     p.add_argument("--skip-compile", action="store_true", help="skip the compiled decode benchmark")
-    args = p.parse_args(argv)
+    return p
+
+
+def _train_lte(dense, train_ids, val_ids, args):
+    """[3/6] A prepared copy of `dense`, trained through both stages to the target sparsity."""
+    import lte_compile as lte
+    from lte_compile.training import TrainConfig, train
+
+    print(f"[3/6] lte.prepare + lte.train to target sparsity {args.target}")
+    model = copy.deepcopy(dense)
+    lte.prepare(model, lte.Config(expert_size=32))
+    cfg = TrainConfig(stage1_steps=args.steps1, stage2_steps=args.steps2, target_sparsity=args.target,
+                      batch_size=args.batch_size, seq_len=args.seq_len, out_dir=args.out, resume=False,
+                      eval_batches=8, log_every=1)
+    return model, train(model, train_ids, cfg, eval_data=val_ids)
+
+
+def _report_sparsity(lte_eval: dict, target: float, bias_shift: float) -> None:
+    for layer, s in lte_eval["sparsity_per_layer"].items():
+        print(f"      {layer:24s} sparsity {s:.3f}   active experts/token {lte_eval['active_per_token'][layer]:5.2f}")
+    print(f"      overall sparsity {lte_eval['sparsity']:.3f} (target {target}, |error| "
+          f"{abs(lte_eval['sparsity'] - target):.3f}); router bias shift {bias_shift:+.3f}")
+
+
+def _fair_dense_ppl(dense, train_ids, val_ids, args, ev: dict) -> float:
+    """The honest headline: the dense model given LTE's fine-tuning budget (steps1 + steps2)."""
+    from lte_compile.training import evaluate
+
+    tuned = copy.deepcopy(dense)
+    finetune_dense(tuned, train_ids, args.steps1 + args.steps2, 2e-4, args.batch_size, args.seq_len)
+    return evaluate(tuned, val_ids, mode="dense", **ev)["ppl"]
+
+
+def _compiled_decode(dense, model, args) -> dict:
+    print("[6/6] torch.compile: backend='lte' (sparse) vs 'inductor' (dense), batch-1 greedy decode")
+    bench = decode_benchmark(copy.deepcopy(dense).eval(), model.eval(), args.decode_tokens, args.decode_reps)
+    tps = bench["tokens_per_s"]
+    print(f"      dense {tps['dense']:.1f} tok/s | LTE {tps['lte']:.1f} tok/s | ratio {bench['ratio']:.2f}x "
+          f"(compile+warm-up: dense {bench['compile_s']['dense']:.0f} s, lte {bench['compile_s']['lte']:.0f} s)")
+    print(f"      compiled LTE decode gives the eager hard-mode tokens: {bench['tokens_match_eager']}")
+    return bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     import lte_compile as lte
     from lte_compile.small_lm.model import corpus_tokens, load_small_lm
-    from lte_compile.training import TrainConfig, evaluate, train
+    from lte_compile.training import evaluate
 
     print(f"[1/6] loading the project's small {args.arch} LM and tokenizer")
     dense, tok = load_small_lm(args.arch, args.model_dir)
@@ -133,43 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     dense_eval = evaluate(dense, val_ids, mode="dense", **ev)
     print(f"      dense ppl {dense_eval['ppl']:.2f}")
 
-    print(f"[3/6] lte.prepare + lte.train to target sparsity {args.target}")
-    model = copy.deepcopy(dense)
-    lte.prepare(model, lte.Config(expert_size=32))
-    cfg = TrainConfig(stage1_steps=args.steps1, stage2_steps=args.steps2, target_sparsity=args.target,
-                      batch_size=args.batch_size, seq_len=args.seq_len, out_dir=args.out, resume=False,
-                      eval_batches=8, log_every=1)
-    result = train(model, train_ids, cfg, eval_data=val_ids)
-
+    model, result = _train_lte(dense, train_ids, val_ids, args)
     print("[4/6] held-out results (hard mode)")
     lte_eval = evaluate(model, val_ids, mode="hard", **ev)
-    for layer, s in lte_eval["sparsity_per_layer"].items():
-        print(f"      {layer:24s} sparsity {s:.3f}   active experts/token {lte_eval['active_per_token'][layer]:5.2f}")
-    print(f"      overall sparsity {lte_eval['sparsity']:.3f} (target {args.target}, |error| "
-          f"{abs(lte_eval['sparsity'] - args.target):.3f}); router bias shift {result.bias_shift:+.3f}")
+    _report_sparsity(lte_eval, args.target, result.bias_shift)
     print(_ppl_table(dense_eval, lte_eval))
-    fair = None
-    if args.fair_dense:
-        tuned = copy.deepcopy(dense)
-        finetune_dense(tuned, train_ids, args.steps1 + args.steps2, 2e-4, args.batch_size, args.seq_len)
-        fair = evaluate(tuned, val_ids, mode="dense", **ev)["ppl"]
-        print(f"      dense fine-tuned for the same {args.steps1 + args.steps2} steps: ppl {fair:.2f}")
-    else:
-        print("      (the dense model did not get LTE's extra fine-tuning steps: --fair-dense gives it them)")
+    fair = _fair_dense_ppl(dense, train_ids, val_ids, args, ev) if args.fair_dense else None
+    if fair is not None:
+        print(f"      equal budget: dense fine-tuned for the same {args.steps1 + args.steps2} steps: ppl {fair:.2f} "
+              f"-> LTE is {100 * (lte_eval['ppl'] / fair - 1):+.1f} % at sparsity {lte_eval['sparsity']:.3f}")
 
     lte.save(model, Path(args.out) / "lte")  # `lte eval --lte-dir runs/demo/lte` reloads it
     print("[5/6] sample from the LTE model (hard mode)")
     lte.set_mode(model, "hard")
     print("      " + _sample(model, tok, 60).replace("\n", "\n      "))
 
-    bench = None
-    if not args.skip_compile:
-        print("[6/6] torch.compile: backend='lte' (sparse) vs 'inductor' (dense), batch-1 greedy decode")
-        bench = decode_benchmark(copy.deepcopy(dense).eval(), model.eval(), args.decode_tokens, args.decode_reps)
-        tps = bench["tokens_per_s"]
-        print(f"      dense {tps['dense']:.1f} tok/s | LTE {tps['lte']:.1f} tok/s | ratio {bench['ratio']:.2f}x "
-              f"(compile+warm-up: dense {bench['compile_s']['dense']:.0f} s, lte {bench['compile_s']['lte']:.0f} s)")
-        print(f"      compiled LTE decode gives the eager hard-mode tokens: {bench['tokens_match_eager']}")
+    bench = None if args.skip_compile else _compiled_decode(dense, model, args)
     total = time.perf_counter() - t0
     summary = {"arch": args.arch, "target": args.target, "dense_ppl": dense_eval["ppl"], "lte_ppl": lte_eval["ppl"],
                "dense_finetuned_ppl": fair,
