@@ -6,6 +6,11 @@
   per expert. `lte.prepare` puts it in the eager forward, so every Dynamo/export graph of a
   prepared model carries an unambiguous marker between the activation and the down projection.
 
+NaN policy: the op gives what the eager FFN gives. Eager hard mode multiplies h by the 0/1 mask,
+so a non-finite value in a token's x makes its whole output row NaN (NaN * 0 = NaN), even with every
+expert off; kernels skip off experts and would return b_down there. `sparse_ffn` therefore sets the
+rows whose x has a NaN/Inf to NaN after the kernel (one pass over x; `_nan_rows_like_eager`).
+
 Both are `custom_op`s with a fake (shapes static: no data-dependent size reaches Dynamo) and an
 autograd formula for soft and hard mode. In hard mode the 0/1 mask has no gradient w.r.t. the gates
 (stage 2 freezes the routers); in soft mode the gates get d(loss)/d(G).
@@ -45,8 +50,15 @@ def sparse_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_
                act: str, expert_size: int, mode: str, tau: float) -> Tensor:
     """LTE FFN over the experts selected by `gates` (see kernels/reference.py for the contract)."""
     _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode)
-    return dispatch.sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                                       act, expert_size, mode, tau)
+    y = dispatch.sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                                    act, expert_size, mode, tau)
+    return _nan_rows_like_eager(x, y)
+
+
+def _nan_rows_like_eager(x: Tensor, y: Tensor) -> Tensor:
+    """Rows of y whose x has a NaN/Inf become NaN, as in eager (h * mask, NaN * 0 = NaN)."""
+    bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)  # [T, 1]
+    return y.masked_fill(bad, float("nan"))
 
 
 @sparse_ffn.register_fake

@@ -10,10 +10,10 @@
 from .batches import TokenBatches
 from .config import TrainConfig, TrainResult
 from .controller import SparsityController
-from .driver import train
+from .driver import NonFiniteLossError, train
 from .evaluate import evaluate
 from .losses import GateStats, LossTerms, gate_stats, loss_terms
 from .optim import adamw_groups
 
-__all__ = ["train", "evaluate", "TrainConfig", "TrainResult", "TokenBatches", "SparsityController",
+__all__ = ["train", "NonFiniteLossError", "evaluate", "TrainConfig", "TrainResult", "TokenBatches", "SparsityController",
            "GateStats", "LossTerms", "gate_stats", "loss_terms", "adamw_groups"]

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, NotPreparedError
+from ..errors import ConfigError, LTEError, NotPreparedError
 from ..plan import config_of, is_prepared, routers, set_mode
 from .batches import make_batches, prepare_batch, task_loss
 from .checkpoint import (check_fingerprint, clear_checkpoints, latest_checkpoint, load_checkpoint, run_fingerprint,
@@ -37,6 +37,11 @@ from .optim import adamw_groups
 from .telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(LTEError):
+    """A training step produced a NaN/Inf loss (or gradient norm); training stopped before the
+    optimizer step, so the model and the checkpoints on disk are those of the last good step."""
 
 
 class _Run:
@@ -56,6 +61,7 @@ class _Run:
         self.ckpt_dir = out / "checkpoints" if out else None
         self.telemetry = Telemetry(out, enabled=self.rank == 0, progress=cfg.progress)
         self.fingerprint = run_fingerprint(model, cfg.to_dict())
+        self._step = 0
 
     # -- optimizers
     def _optimizer(self, stage: str) -> tuple[torch.optim.Optimizer, Any]:
@@ -111,9 +117,12 @@ class _Run:
             total, rec = terms.total, terms.as_floats()
         else:
             total, rec = loss, {"loss": float(loss.detach()), "task": float(loss.detach())}
+        self._check_finite(stage, {"loss": float(total.detach())}, opt)
         total.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                  cfg.grad_clip)
+            self._check_finite(stage, {"gradient norm": float(norm)}, opt)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         gates = {k: r.last_gates for k, r in self.routers.items() if r.last_gates is not None}
         stats = reduce_stats(gate_stats(gates, self.tau, mask), self.world)
@@ -126,12 +135,27 @@ class _Run:
                 "bias_shift": self.controller.shift if self.controller else 0.0,
                 "target": self.controller.target if self.controller else None}
 
+    def _check_finite(self, stage: str, values: dict[str, float], opt) -> None:
+        """Stop at the first non-finite loss (every rank agrees: one bad rank stops them all)."""
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        flags = reduce_mean({"bad": float(bool(bad))}, self.world)
+        if not bad and flags["bad"] == 0.0:
+            return
+        opt.zero_grad(set_to_none=True)
+        what = ", ".join(f"{k} is {v}" for k, v in bad.items()) or "another rank's loss is not finite"
+        last = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
+        raise NonFiniteLossError(
+            f"{stage} step {self._step}: {what}; training stopped before the optimizer step (the model keeps "
+            f"the weights of the step before; last checkpoint: {last or 'none'}, left intact). Check the data "
+            "and inputs for NaN/Inf, or lower the learning rates (model_lr, router_lr, stage2_lr)")
+
     def run_stage(self, stage: str, start: int, opt, sched) -> None:
         cfg = self.cfg
         steps = cfg.stage1_steps if stage == "stage1" else cfg.stage2_steps
         wrapped = wrap_model(self.model, cfg, self.world)
         self.telemetry.bar(steps, start, f"LTE {stage} ({'soft' if stage == 'stage1' else 'hard'})")
         for step in range(start + 1, steps + 1):
+            self._step = step
             rec = {"kind": "step", "stage": stage, "step": step, **self.step(wrapped, stage, opt, sched)}
             if step % cfg.log_every == 0 or step == steps:
                 self.telemetry.log(rec)
@@ -245,4 +269,27 @@ def train(model: nn.Module, data: Any, config: TrainConfig | None = None, *, eva
         if unknown:
             raise ConfigError("train() keyword", sorted(unknown), "TrainConfig field names")
         cfg = TrainConfig(**{**cfg.to_dict(), **overrides})
-    return _Run(model, data, cfg, eval_data, loss_fn, callback).run()
+    saved = _ModelState(model)
+    try:
+        return _Run(model, data, cfg, eval_data, loss_fn, callback).run()
+    except BaseException:
+        saved.restore()  # a failed run leaves the model's LTE mode, train/eval and router grads as they were
+        raise
+
+
+class _ModelState:
+    """The model's train/eval flags, each router's mode and its parameters' requires_grad."""
+
+    def __init__(self, model: nn.Module):
+        self.training = [(m, m.training) for m in model.modules()]
+        self.routers = [(r, r.mode, [p.requires_grad for p in r.parameters()]) for r in routers(model).values()]
+
+    def restore(self) -> None:
+        for m, training in self.training:
+            m.training = training
+        for r, mode, grads in self.routers:
+            r.mode = mode
+            if mode == "dense":
+                r.last_gates = None
+            for p, g in zip(r.parameters(), grads):
+                p.requires_grad_(g)

@@ -146,12 +146,19 @@ class GateStats:
 
 @torch.no_grad()
 def gate_stats(gates: dict[str, Tensor], tau: float, attention_mask: Tensor | None = None) -> GateStats:
-    """Per-layer counts of off experts (G <= tau), pairs and tokens, padding excluded."""
+    """Per-layer counts of off experts (G <= tau), pairs and tokens, padding excluded.
+
+    NaN policy: a token with a non-finite gate (NaN: its input had a NaN) is neither on nor off;
+    it is left out of every count, like padding, so statistics never count NaN as a number (the
+    hard mask `G > tau` would call it off; the FFN output of such a token is NaN anyway).
+    """
     off, total, tokens = {}, {}, {}
     for k, g in gates.items():
         mask = token_mask(g, attention_mask)
-        n_tok = float(g.shape[:-1].numel()) if mask is None else float(mask.sum())
-        is_off = (g <= tau) if mask is None else (g <= tau) & mask.unsqueeze(-1)
+        valid = torch.isfinite(g).all(dim=-1)
+        valid = valid if mask is None else valid & mask
+        n_tok = float(valid.sum())
+        is_off = (g <= tau) & valid.unsqueeze(-1)
         off[k], total[k], tokens[k] = float(is_off.sum()), n_tok * g.shape[-1], n_tok
     return GateStats(off, total, tokens)
 
@@ -162,7 +169,8 @@ def _check_gates(gates: dict[str, Tensor]) -> None:
 
 
 def valid_gates(model: nn.Module, attention_mask: Tensor | None) -> dict[str, Tensor]:
-    """Each router's last gates as [N valid tokens, E] (detached)."""
+    """Each router's last gates as [N valid tokens, E] (detached): padding and tokens with a
+    non-finite gate (see `gate_stats`) left out."""
     out = {}
     for k, r in routers(model).items():
         g = r.last_gates
@@ -170,5 +178,8 @@ def valid_gates(model: nn.Module, attention_mask: Tensor | None) -> dict[str, Te
             continue
         mask = token_mask(g, attention_mask)
         g = g.detach().reshape(-1, g.shape[-1])
-        out[k] = g[mask.reshape(-1)] if mask is not None else g
+        keep = torch.isfinite(g).all(dim=-1)
+        if mask is not None:
+            keep &= mask.reshape(-1)
+        out[k] = g[keep]
     return out

@@ -74,3 +74,37 @@ def test_train_config_types_and_finiteness_are_checked_up_front(field, value):
 def test_train_config_accepts_a_path_out_dir_and_int_floats(tmp_path):
     cfg = TrainConfig(out_dir=tmp_path, eta=1, target_sparsity=None)
     assert cfg.out_dir == str(tmp_path) and isinstance(cfg.eta, float)
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_checkpoint(tmp_path):
+    """Issue 11 defect 2: NaN loss at stage1 step 3 -> NonFiniteLossError naming the step; the
+    checkpoint of step 2 stays intact and finite; the model's mode and train/eval are restored
+    (defect 10)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lte_compile.plan import get_mode, set_mode
+    from lte_compile.training import NonFiniteLossError
+
+    model = tiny_llama()
+    set_mode(model, "dense")
+    model.eval()
+
+    def poison(rec):
+        if rec["stage"] == "stage1" and rec["step"] == 2:
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] = float("nan")
+
+    cfg = TrainConfig(stage1_steps=4, stage2_steps=1, checkpoint_every=1, keep_checkpoints=0,
+                      out_dir=str(tmp_path), **FAST)
+    with pytest.raises(NonFiniteLossError, match="stage1 step 3") as e:
+        train(model, token_stream(), cfg, callback=poison)
+    assert isinstance(e.value, LTEError) and "step_stage1_0000002" in str(e.value)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step_stage1_0000001", "step_stage1_0000002"]
+    saved = load_file(str(tmp_path / "checkpoints" / "step_stage1_0000002" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
+    assert json.loads((tmp_path / "checkpoints" / "step_stage1_0000002" / "meta.json").read_text())["step"] == 2
+    assert get_mode(model) == "dense" and not model.training and not any(m.training for m in model.modules())
+    assert all(p.requires_grad for r in __import__("lte_compile").routers(model).values() for p in r.parameters())
