@@ -26,3 +26,10 @@ class StateMismatchError(LTEError):
 class NotPreparedError(LTEError):
     """An LTE operation needs a model that went through `lte.prepare` first."""
 
+
+class StateFileError(StateMismatchError):
+    """A file of saved LTE state is missing, unreadable, corrupt or inconsistent; the message names it."""
+
+
+class UnsupportedWrapperError(LTEError):
+    """`lte.save` / `lte.load` got a model inside a wrapper they cannot see through (FSDP, or DDP for load)."""
