@@ -177,3 +177,43 @@ def _apply_gates_backward(ctx, dy):
 
 
 apply_gates.register_autograd(_apply_gates_backward, setup_context=_apply_gates_setup)
+
+
+# ----------------------------------------------------------------------------- autocast
+def _register_autocast(device_type: str) -> None:
+    """Autocast for `lte::sparse_ffn` like the linear ops it replaces: inside
+    `torch.autocast(device_type, dtype=D)` its floating inputs are cast to D (the region's dtype,
+    read at call time, as `F.linear` does) and it runs with autocast off; the output is D.
+
+    The same mechanism as `torch.library.register_autocast` (a Python kernel for the Python
+    dispatcher used while tracing, plus a dispatcher registration for eager calls), which only
+    takes one fixed dtype; where the private pieces are missing (another torch version) it
+    falls back to that public call with the device's default autocast dtype."""
+    if not torch.amp.is_autocast_available(device_type):
+        return
+    try:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+        overload = torch.ops.lte.sparse_ffn.default
+        exclude = torch._C.DispatchKeySet(key)
+    except (AttributeError, RuntimeError):
+        default = torch.bfloat16 if device_type == "cpu" else torch.float16
+        torch.library.register_autocast("lte::sparse_ffn", device_type, default)
+        return
+
+    def cast_and_call(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type
+                else a for a in args]
+        with torch._C._ExcludeDispatchKeyGuard(exclude):
+            return overload(*cast)
+
+    if overload.has_kernel_for_dispatch_key(key):
+        overload.py_kernels.pop(key, None)
+    overload.py_impl(key)(cast_and_call)
+    _AUTOCAST_LIB.impl("sparse_ffn", lambda _keyset, *args: cast_and_call(*args), key_name, with_keyset=True)
+
+
+_AUTOCAST_LIB = torch.library.Library("lte", "IMPL")
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
