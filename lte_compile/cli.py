@@ -110,15 +110,36 @@ def _run_benchmark(script: str, argv: list[str]) -> int:
     return 0
 
 
+def _ranged(kind, low: float, high: float | None = None, *, low_open: bool = False):
+    """argparse `type=`: a finite number of `kind` in the range, else one-line usage error (exit 2)."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)
+        if not ok:
+            rng = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None
+                   else f"{'>' if low_open else '>='} {low}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {rng}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lte", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="list the FFNs the passes find, with their cost")
     ins.add_argument("target", help="model directory, config.json, or module:callable")
-    ins.add_argument("--sparsity", type=float, default=0.5, help="sparsity s for the sparse columns (default 0.5)")
-    ins.add_argument("--tokens", type=int, default=1, help="tokens per step T (default 1: decode)")
-    ins.add_argument("--expert-size", type=int, default=32, help="neurons per expert B (default 32)")
-    ins.add_argument("--bytes-per-param", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
+    ins.add_argument("--sparsity", type=_ranged(float, 0.0, 1.0), default=0.5,
+                     help="sparsity s in [0, 1] for the sparse columns (default 0.5)")
+    ins.add_argument("--tokens", type=_ranged(int, 1), default=1, help="tokens per step T >= 1 (default 1: decode)")
+    ins.add_argument("--expert-size", type=_ranged(int, 1), default=32, help="neurons per expert B >= 1 (default 32)")
+    ins.add_argument("--bytes-per-param", type=_ranged(int, 1), default=2, help="2 for bf16/fp16, 4 for fp32")
     for name, (text, _, _) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     args, rest = parser.parse_known_args(argv)

@@ -10,7 +10,9 @@ into a fresh copy of the model and prints held-out perplexity and sparsity, dens
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -41,6 +43,25 @@ def train_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
+def _user_errors(prog: str):
+    """User errors (`LTEError`: bad settings, a model or directory that does not fit) print one
+    line `<prog>: error: <message>` (the message says what to do) and exit with 2, like argparse;
+    anything else is a bug and keeps its traceback."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            from ..errors import LTEError
+
+            try:
+                return main(argv)
+            except LTEError as e:
+                print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+                return 2
+        return run
+    return wrap
+
+
+@_user_errors("lte train")
 def main_train(argv: list[str] | None = None) -> int:
     import lte_compile as lte
 
@@ -48,13 +69,15 @@ def main_train(argv: list[str] | None = None) -> int:
     from .driver import train
 
     args = train_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, tok = _model(args.model)
-    train_ids, val_ids = corpus_tokens(tok)
-    lte.prepare(model, lte.Config(expert_size=args.expert_size))
+    # settings first: a bad value is reported before the model and corpus load
+    lte_cfg = lte.Config(expert_size=args.expert_size)
     cfg = TrainConfig(stage1_steps=args.steps1, stage2_steps=args.steps2, eta=args.eta, target_sparsity=args.target,
                       batch_size=args.batch_size, seq_len=args.seq_len, model_lr=args.model_lr, out_dir=args.out,
                       checkpoint_every=args.checkpoint_every)
+    torch.set_num_threads(args.threads)
+    model, tok = _model(args.model)
+    train_ids, val_ids = corpus_tokens(tok)
+    lte.prepare(model, lte_cfg)
     result = train(model, train_ids, cfg, eval_data=val_ids)
     lte.save(model, Path(args.out) / "lte")
     print(json.dumps({"sparsity": result.sparsity, "sparsity_per_layer": result.sparsity_per_layer,
@@ -63,6 +86,7 @@ def main_train(argv: list[str] | None = None) -> int:
     return 0
 
 
+@_user_errors("lte eval")
 def main_eval(argv: list[str] | None = None) -> int:
     import lte_compile as lte
 
