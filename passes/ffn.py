@@ -15,7 +15,7 @@ from lte_compile.kernels import ACTIVATIONS  # noqa: E402  the op's activation n
 
 
 @dataclass(frozen=True)
-class Projection:
+class ProjectionSpec:
     """Where one FFN projection's weights live in the model, and the neuron-axis rule.
 
     The one owner of "which axis of a stored weight indexes the FFN's d_ff neurons": the output
@@ -54,7 +54,7 @@ class Projection:
                 "rows": list(self.rows) if self.rows else None, "down": self.down}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Projection":
+    def from_dict(cls, d: dict) -> "ProjectionSpec":
         return cls(d["weight"], d.get("bias"), bool(d.get("transposed", False)),
                    tuple(d["rows"]) if d.get("rows") is not None else None, bool(d.get("down", False)))
 
@@ -79,11 +79,11 @@ class LinearRef:
     rows: tuple[int, int] | None = None
     node: fx.Node | None = None  # the node computing this projection's output
 
-    def projection(self, down: bool = False) -> Projection | None:
+    def projection(self, down: bool = False) -> ProjectionSpec | None:
         """The serialisable record of this projection (None if its weight has no parameter path)."""
         if self.weight_path is None:
             return None
-        return Projection(self.weight_path, self.bias_path, self.transposed, self.rows, down)
+        return ProjectionSpec(self.weight_path, self.bias_path, self.transposed, self.rows, down)
 
 
 @dataclass

@@ -1,10 +1,9 @@
-"""The forms an FFN's pieces take in a graph, normalised for `find_ffns` (match.py).
+"""The forms an FFN's projections take in a graph, normalised for `find_ffns` (match.py);
+activations are in activations.py.
 
 - projections: `y = x W^T + b` written as `nn.Linear`/`F.linear`/`aten.linear`, `addmm` with a
   transposed weight, GPT-2 `Conv1D` (`addmm(b, x.view(-1, d), W)` with W stored [in, out]),
   `mm`/`matmul`/`@` (+ a bias `add`) and two-operand `einsum` (`'...d,fd->...f'`);
-- activations: relu, gelu (erf), gelu_tanh (also GPT-2's decomposed `gelu_new`), silu (also
-  `x * sigmoid(x)`);
 - pass-throughs that do not change a row's values in eval (dropout, clone, casts, views that keep
   the last dim) and slices of a fused projection (Phi-3 `gate_up_proj(x).chunk(2, -1)`).
 
@@ -21,7 +20,7 @@ from typing import Any
 from torch import fx
 
 from .ffn import LinearRef
-from .fx_utils import ParamInfo, arg, as_int, is_scalar, op_name, scalar_value, submodule, tensor_shape
+from .fx_utils import ParamInfo, arg, as_int, is_scalar, op_name, submodule, tensor_shape
 
 # Ops that leave every row (token) of their input unchanged in eval, so an FFN may contain them.
 # Casts are assumed to be to the compute dtype; dropout is the identity in eval and is kept
@@ -378,86 +377,3 @@ def match_slice(node: fx.Node) -> Slice | None:
     """The last-dim slice `node` takes, if any (its `source` still needs pass-throughs stripped)."""
     form = _SLICE_FORMS.get(op_name(node))
     return form(node) if form is not None and len(node.args) >= 2 else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Activations
-
-
-@dataclass
-class Activation:
-    name: str  # relu | gelu | gelu_tanh | silu
-    input: fx.Node
-    nodes: list[fx.Node]
-
-
-X = "X"  # the pattern variable: the activation's input
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_COMMUTATIVE = frozenset({"mul", "add"})
-
-# Decomposed activations as (op, *operands) trees; floats match constants, X the input node.
-_NEW_GELU_INNER = ("mul", _SQRT_2_OVER_PI, ("add", X, ("mul", 0.044715, ("pow", X, 3.0))))
-_FAST_GELU_INNER = ("mul", ("mul", X, _SQRT_2_OVER_PI), ("add", 1.0, ("mul", ("mul", 0.044715, X), X)))
-
-# Decomposed activations as (op, *operands) trees; floats match constants, X the input node.
-_DECOMPOSED: dict[str, list[tuple]] = {
-    "gelu_tanh": [
-        # GPT-2 / T5 `NewGELUActivation`: 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))
-        ("mul", ("mul", 0.5, X), ("add", 1.0, ("tanh", _NEW_GELU_INNER))),
-        # `FastGELUActivation`: 0.5*x*(1+tanh(x*0.7978845608*(1+0.044715*x*x)))
-        ("mul", ("mul", 0.5, X), ("add", 1.0, ("tanh", _FAST_GELU_INNER))),
-    ],
-    "gelu": [
-        # `GELUActivation(use_gelu_python=True)`: x*0.5*(1+erf(x/sqrt(2)))
-        ("mul", ("mul", X, 0.5), ("add", 1.0, ("erf", ("div", X, math.sqrt(2.0))))),
-        ("mul", ("mul", X, 0.5), ("add", 1.0, ("erf", ("mul", X, 1.0 / math.sqrt(2.0))))),
-    ],
-    "silu": [("mul", X, ("sigmoid", X))],
-}
-
-
-def _gelu_kind(node: fx.Node) -> str | None:
-    approximate = submodule(node).approximate if node.op == "call_module" else arg(node, 1, "approximate", "none")
-    return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
-
-
-_DIRECT: dict[str, Callable[[fx.Node], str | None]] = {
-    "relu": lambda n: "relu", "silu": lambda n: "silu", "gelu": _gelu_kind,
-}
-
-
-def match_activation(node: fx.Node) -> Activation | None:
-    """The activation `node` computes: a single op (`F.gelu`, `nn.SiLU`, ...) or a decomposed one."""
-    direct = _DIRECT.get(op_name(node))
-    if direct is not None and node.args and isinstance(node.args[0], fx.Node):
-        name = direct(node)
-        return Activation(name, node.args[0], [node]) if name else None
-    for name, patterns in _DECOMPOSED.items():
-        for pattern in patterns:
-            binding: dict[str, fx.Node] = {}
-            nodes: list[fx.Node] = []
-            if _match(pattern, node, binding, nodes):
-                return Activation(name, binding[X], nodes)
-    return None
-
-
-def _match(pattern: Any, value: Any, binding: dict, nodes: list) -> bool:
-    """Match a pattern tree against the graph at `value`; mul/add match in either operand order."""
-    if pattern is X:
-        if not isinstance(value, fx.Node):
-            return False
-        return binding.setdefault(X, value) is value
-    if isinstance(pattern, float):
-        number = scalar_value(value)
-        return number is not None and math.isclose(number, pattern, rel_tol=1e-6)
-    op, *operands = pattern
-    if not isinstance(value, fx.Node) or op_name(value) != op or len(value.args) != len(operands):
-        return False
-    orders = [value.args, value.args[::-1]] if op in _COMMUTATIVE else [value.args]
-    for args in orders:
-        trial_binding, trial_nodes = dict(binding), []
-        if all(_match(p, a, trial_binding, trial_nodes) for p, a in zip(operands, args)):
-            binding.update(trial_binding)
-            nodes.extend([*trial_nodes, value])
-            return True
-    return False

@@ -35,8 +35,8 @@ from torch import fx, nn
 
 from ..kernels.ops import ApplyGatesArgs
 from .ffn import ACTIVATIONS, FFNMatch, FFNReport, LinearRef, NearMiss
-from .forms import (Activation, Projection, find_projections, is_passthrough, is_row_view,
-                    match_activation, match_slice, strip_back)
+from .activations import Activation, match_activation
+from .forms import Projection, find_projections, is_passthrough, is_row_view, match_slice, strip_back
 from .fx_utils import ParamInfo, graph_params, is_scalar, op_name, to_networkx
 
 logger = logging.getLogger(__name__)

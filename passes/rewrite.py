@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx
 
-from .ffn import FFNMatch, FFNReport, LinearRef, Projection
+from .ffn import FFNMatch, FFNReport, LinearRef, ProjectionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ def lte_ffn_region(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None
                    gate: tuple | None, down: tuple) -> Tensor:
     """x: [..., d], gates: [..., E] -> y: [..., d_out] through `lte::sparse_ffn` on [T, d] tokens.
 
-    `up`/`gate`/`down` are `Projection` layouts `(transposed, rows, down)` (plain tuples: FX writes
+    `up`/`gate`/`down` are `ProjectionSpec` layouts `(transposed, rows, down)` (plain tuples: FX writes
     node arguments into generated code as literals): how each stored weight maps to the op's
     [N, d] / [N, d_out] neuron rows (views: no copy when the weights are in kernel layout)."""
-    up, down = Projection("", None, *up), Projection("", None, *down)
-    gate = None if gate is None else Projection("", None, *gate)
+    up, down = ProjectionSpec("", None, *up), ProjectionSpec("", None, *down)
+    gate = None if gate is None else ProjectionSpec("", None, *gate)
     w_down_rows = down.neuron_rows(w_down)  # [N, d_out]
     y = torch.ops.lte.sparse_ffn(
         x.reshape(-1, x.shape[-1]), gates.reshape(-1, gates.shape[-1]), up.neuron_rows(w_up),
@@ -123,7 +123,7 @@ def _weight(ref: LinearRef | None) -> tuple[fx.Node | None, fx.Node | None]:
 
 
 def _layout(ref: LinearRef, down: bool = False) -> tuple:
-    """The projection's neuron layout as `Projection` fields (the graph passes the tensors)."""
+    """The projection's neuron layout as `ProjectionSpec` fields (the graph passes the tensors)."""
     return (ref.transposed, ref.rows, down)
 
 

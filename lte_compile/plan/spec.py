@@ -1,13 +1,13 @@
 """`FFNSpec`: where one prepared FFN's weights live in the model, by path (what `lte.save` records).
 
-Its projections are the passes' own `Projection` records (passes/ffn.py), which also own the
+Its projections are the passes' own `ProjectionSpec` records (passes/ffn.py), which also own the
 neuron-axis rule: the plan never re-derives which axis of a weight holds the neurons.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..passes.ffn import Projection
+from ..passes.ffn import ProjectionSpec
 
 
 @dataclass
@@ -15,9 +15,9 @@ class FFNSpec:
     """One prepared FFN: its owner module, projections, activation and sizes."""
 
     name: str  # owner module path, e.g. "model.layers.0.mlp"
-    up: Projection
-    down: Projection
-    gate: Projection | None
+    up: ProjectionSpec
+    down: ProjectionSpec
+    gate: ProjectionSpec | None
     activation: str
     glu: bool
     d_model: int
@@ -25,8 +25,8 @@ class FFNSpec:
     d_out: int
     form: str
 
-    def projections(self) -> dict[str, Projection]:
-        """{'up', 'gate', 'down'} -> Projection, without a missing gate."""
+    def projections(self) -> dict[str, ProjectionSpec]:
+        """{'up', 'gate', 'down'} -> ProjectionSpec, without a missing gate."""
         return {k: v for k, v in (("up", self.up), ("gate", self.gate), ("down", self.down)) if v is not None}
 
     def to_dict(self) -> dict:
@@ -39,5 +39,5 @@ class FFNSpec:
     def from_dict(cls, d: dict) -> "FFNSpec":
         d = dict(d)
         for k in ("up", "gate", "down"):
-            d[k] = Projection.from_dict(d[k]) if d.get(k) is not None else None
+            d[k] = ProjectionSpec.from_dict(d[k]) if d.get(k) is not None else None
         return cls(**d)
