@@ -4,11 +4,11 @@ Import as `lte_compile.passes`. `find_ffns(gm)` works on Dynamo, torch.export an
 graphs; `find_ffns_in_model(model, *inputs)` captures the Dynamo graphs itself.
 """
 from .cost import FFNCost, ffn_cost
-from .ffn import ACTIVATIONS, FFNMatch, FFNReport, LinearRef, NearMiss
+from .ffn import ACTIVATIONS, FFNMatch, FFNReport, LinearRef, NearMiss, ProjectionSpec
 from .match import find_ffns, find_ffns_in_model
 from .trace import capture_graphs, export_graph
 
 __all__ = [
-    "ACTIVATIONS", "FFNCost", "FFNMatch", "FFNReport", "LinearRef", "NearMiss",
+    "ACTIVATIONS", "FFNCost", "FFNMatch", "FFNReport", "LinearRef", "NearMiss", "ProjectionSpec",
     "capture_graphs", "export_graph", "ffn_cost", "find_ffns", "find_ffns_in_model",
 ]
