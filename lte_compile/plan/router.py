@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.lte.*)
 from .spec import FFNSpec
 
@@ -38,11 +39,26 @@ class LTERouter(nn.Module):
         self.spec = spec
         self.expert_size = expert_size
         self.num_experts = spec.d_ff // expert_size
-        self.tau = float(tau)
+        self._tau = float(tau)
         self.mode = "dense"
         self.linear = nn.Linear(spec.d_model, self.num_experts, device=device, dtype=_router_dtype(dtype))
         self.register_buffer("permutation", torch.arange(spec.d_ff, device=device), persistent=True)
         self.last_gates: Tensor | None = None
+
+    @property
+    def tau(self) -> float:
+        """The threshold, fixed at prepare time (`lte.Config(tau=...)`, owned by `lte.config_of(model)`)."""
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        # Policy (issue 11): refuse, not recompile. Compiled graphs hold tau as a literal inside
+        # lte::sparse_ffn (`_threshold`, unguarded), the training losses and statistics read
+        # config_of(model).tau, and saved state stores the Config: a change here would be ignored
+        # by compiled models and disagree with the rest. A new threshold is a new prepare.
+        raise ConfigError("router.tau", value, f"{self._tau} (fixed when the model was prepared)",
+                          "tau is part of lte.Config: prepare a fresh model with lte.Config(tau=...) "
+                          "(compiled graphs bake the threshold in)")
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., d] -> G: [..., E] (float32, or float64 in a float64 model)."""
@@ -78,7 +94,7 @@ class RouteHook:
 def _threshold(router: LTERouter) -> float:
     """tau as a graph constant: under dynamic=True Dynamo would otherwise turn this float
     attribute into a graph input, and the fused op needs the threshold as a literal. tau is fixed
-    by Config at prepare time, so not guarding it is safe."""
+    by Config at prepare time and `LTERouter.tau` refuses assignment, so not guarding it is safe."""
     return router.tau
 
 

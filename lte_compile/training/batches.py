@@ -8,6 +8,7 @@ batches; under DDP each rank takes every `world_size`-th window.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -135,6 +136,7 @@ def make_batches(data: Any, cfg: TrainConfig, rank: int = 0, world_size: int = 1
         if data.dim() != 1:
             raise ConfigError("data", tuple(data.shape), "a 1-D token tensor, a TokenBatches or a list of dict batches")
         if eval_data is None:
+            _check_token_split(data.numel(), cfg, world_size)
             n_hold = int(data.numel() * cfg.heldout_fraction)
             data, eval_data = data[: data.numel() - n_hold], data[data.numel() - n_hold:]
         data = TokenBatches(data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
@@ -148,12 +150,42 @@ def make_batches(data: Any, cfg: TrainConfig, rank: int = 0, world_size: int = 1
     batches = list(data) if not isinstance(data, list) else data
     if not batches:
         raise ConfigError("data", "0 batches", "at least one batch")
+    n_given = len(batches)
     if eval_data is None:
         n_hold = max(1, int(len(batches) * 0.1)) if len(batches) > 1 else 0
+        if not n_hold:
+            logger.warning("lte.train: the single batch you passed is used for training and for the held-out "
+                           "evaluation, so the final eval_loss and sparsity are measured on training data; pass "
+                           "eval_data=[...] (or more batches: 10%% are held out) for an honest held-out figure")
         eval_data = batches[len(batches) - n_hold:] if n_hold else batches
         batches = batches[: len(batches) - n_hold]
     held = eval_list(eval_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches, rank, world_size)
-    return _ListBatches(batches, rank, world_size), held
+    try:
+        return _ListBatches(batches, rank, world_size), held
+    except ConfigError as e:  # quote what the user passed, not what is left after the hold-out
+        if n_given == len(batches):
+            raise
+        raise ConfigError("data", f"{n_given} batches", f">= {world_size + max(1, int(n_given * 0.1))} batches "
+                          f"({world_size} to train on, one per rank, after 10% are held out)",
+                          "pass more batches, or eval_data=[...] so none are held out") from e
+
+
+def _check_token_split(total: int, cfg: TrainConfig, world_size: int) -> None:
+    """A token tensor split into training and held-out parts must fill one batch on each side;
+    the error quotes the tokens the user passed (not what is left after the hold-out)."""
+    need_train, need_hold, f = cfg.seq_len * cfg.batch_size * world_size, cfg.seq_len * cfg.batch_size, \
+        cfg.heldout_fraction
+    n_hold = int(total * f)
+    if total - n_hold >= need_train and n_hold >= need_hold:
+        return
+    need = max(math.ceil(need_train / (1 - f)), math.ceil(need_hold / f))
+    while need - int(need * f) < need_train or int(need * f) < need_hold:
+        need += 1
+    raise ConfigError("data", f"{total} tokens", f">= {need} tokens: {need_train} to train on "
+                      f"(seq_len*batch_size*world_size = {cfg.seq_len}*{cfg.batch_size}*{world_size}) after holding out "
+                      f"heldout_fraction={f}, which must itself fill one batch of {need_hold} tokens "
+                      f"(you passed {total}: {total - n_hold} to train on, {n_hold} held out)",
+                      "give more text, lower seq_len/batch_size, or pass eval_data")
 
 
 def eval_list(eval_data: Any, seq_len: int, batch_size: int, limit: int, rank: int, world: int) -> list[dict[str, Tensor]]:

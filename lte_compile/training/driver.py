@@ -55,6 +55,10 @@ class _Run:
         self.train_data, self.heldout = make_batches(data, cfg, self.rank, self.world, eval_data)
         self.routers = routers(model)
         self.tau = config_of(model).tau
+        changed = sorted(k for k, r in self.routers.items() if r.tau != self.tau)
+        if changed:  # lte_config.tau edited after prepare: losses and the masks would disagree
+            raise ConfigError("lte_config.tau", self.tau, f"{self.routers[changed[0]].tau} (the routers' threshold, "
+                              "fixed at prepare time)", "prepare a fresh model with lte.Config(tau=...)")
         self.controller = (SparsityController(cfg.target_sparsity, cfg.sparsity_tolerance, cfg.controller_gain)
                            if cfg.target_sparsity is not None else None)
         out = Path(cfg.out_dir) if cfg.out_dir else None

@@ -108,3 +108,39 @@ def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_checkpoi
     assert json.loads((tmp_path / "checkpoints" / "step_stage1_0000002" / "meta.json").read_text())["step"] == 2
     assert get_mode(model) == "dense" and not model.training and not any(m.training for m in model.modules())
     assert all(p.requires_grad for r in __import__("lte_compile").routers(model).values() for p in r.parameters())
+
+
+def test_data_too_short_quotes_the_tokens_the_user_passed():
+    """Issue 11 defect 10: the count in the error is the user's, not the one after the hold-out."""
+    cfg = TrainConfig(stage1_steps=1, stage2_steps=0, **FAST)  # one batch: 32 * 4 = 128 tokens
+    with pytest.raises(ConfigError, match="seq_len") as e:
+        train(tiny_llama(), torch.arange(130), cfg)
+    msg = str(e.value)
+    assert "data='130 tokens'" in msg and "held out" in msg
+    needed = int(msg.split(">= ")[1].split(" tokens")[0])
+    with pytest.raises(ConfigError):
+        train(tiny_llama(), torch.arange(needed - 1), cfg)
+    train(tiny_llama(), torch.arange(needed) % 256, cfg)  # exactly enough: trains
+
+
+def test_one_dict_batch_for_training_and_evaluation_warns(caplog):
+    batch = {"input_ids": torch.arange(64).reshape(2, 32) % 256}
+    with caplog.at_level("WARNING", logger="lte_compile.training.batches"):
+        train(tiny_llama(), [batch], TrainConfig(stage1_steps=1, stage2_steps=0, **FAST))
+    assert any("single batch" in r.getMessage() and "eval_data" in r.getMessage() for r in caplog.records)
+
+
+def test_router_tau_cannot_change_after_prepare():
+    """Issue 11 defect 10, policy: refuse (compiled graphs bake tau in; config_of(model).tau owns it)."""
+    import lte_compile as lte
+
+    model = tiny_llama()
+    router = next(iter(lte.routers(model).values()))
+    with pytest.raises(ConfigError, match="router.tau") as e:
+        router.tau = 0.3
+    assert "lte.Config(tau=" in str(e.value) and router.tau == 0.5
+    from lte_compile.plan import config_of
+
+    config_of(model).tau = 0.3  # the config edited behind the routers' back: train refuses
+    with pytest.raises(ConfigError, match="lte_config.tau"):
+        train(model, token_stream(), TrainConfig(stage1_steps=1, stage2_steps=0, **FAST))
