@@ -5,6 +5,7 @@
     lte train [--model llama --target 0.5 ...]    (LTE stage 1 + 2 on the project's small LM)
     lte eval --lte-dir runs/train/lte             (held-out perplexity and sparsity, dense vs LTE)
     lte bench [--quick ...]                       (benchmarks/bench_kernels.py, from a source checkout)
+    lte bench decode [--quick ...]                (benchmarks/bench_decode.py: end-to-end decode, lte vs inductor)
     lte demo                                      (what `make demo` runs)
 """
 from __future__ import annotations
@@ -86,7 +87,8 @@ def inspect_model(model: nn.Module, example_inputs: Any = None, *, sparsity: flo
 DELEGATED = {
     "train": ("LTE stage 1 + 2 to a target sparsity (lte train --help)", ".training.cli", "main_train"),
     "eval": ("held-out perplexity and sparsity, dense vs LTE (lte eval --help)", ".training.cli", "main_eval"),
-    "bench": ("sparse vs dense FFN kernel benchmark (lte bench --help)", None, "bench_kernels.py"),
+    "bench": ("sparse vs dense FFN kernel benchmark (lte bench --help); `lte bench decode`: "
+              "end-to-end decode, lte vs inductor (lte bench decode --help)", None, "bench_kernels.py"),
     "demo": ("the end-to-end demo `make demo` runs (lte demo --help)", ".small_lm.demo", "main"),
 }
 
@@ -94,6 +96,8 @@ DELEGATED = {
 def _delegate(command: str, argv: list[str]) -> int:
     """Subcommands that own their argument parsers."""
     module, function = DELEGATED[command][1:]
+    if command == "bench" and argv[:1] == ["decode"]:
+        function, argv = "bench_decode.py", argv[1:]
     if module is None:
         return _run_benchmark(function, argv)
     return getattr(importlib.import_module(module, __package__), function)(argv) or 0

@@ -1,0 +1,402 @@
+"""End-to-end decode benchmark: a Llama under `torch.compile(backend="lte")` (hard mode, routers
+forced to sparsity s) against its dense twin under `torch.compile(backend="inductor")`.
+
+    python benchmarks/bench_decode.py [--quick] [--layers 4] [--dtypes float32 bfloat16]
+                                      [--batches 1 16] [--prefill 512] [--out table.md]
+    lte bench decode ...               (the CLI runs this script)
+
+Model: transformers' LlamaForCausalLM with TinyLlama-1.1B proportions (hidden 2048, intermediate
+5632, 32 heads / 4 kv heads, vocab 32000), `--layers` layers (default 4; TinyLlama has 22), random
+weights. `--quick`: hidden 512, intermediate 1408, 8/2 heads, vocab 8192, 2 layers, prefill 64,
+8 decode steps, 3 repetitions (most of its time is Inductor compiling 3 shapes x 2 models).
+
+Sparsity: `lte.prepare(model, lte.Config(kmeans_iters=0))` (clustering quality is irrelevant with
+random weights), then every router gets random weights N(0, 1/d) and a per-layer bias calibrated
+so that a fraction s of the (token, expert) pairs has gate <= tau: the bias is
+logit(tau) - (the s-quantile of the router's logits over a calibration batch of random tokens),
+computed in hard mode layer after layer (so each layer sees the hidden states the sparse layers
+before it produce). Masks are therefore per token (each token's logits differ), with about
+(1-s)E experts per token on average; the measured density of used pairs is printed. s = 0 is the
+control: bias +30, every expert on (the same work as dense, through the LTE path).
+
+Workloads (each a fresh greedy decode on transformers' StaticCache; the prompt's prefill runs
+eagerly, only the timed steps are compiled, `dynamic=False`):
+    decode b=1, decode b=16   tokens/s over `--new-tokens` steps after a 16-token prompt
+    prefill P                 one forward over P tokens (batch 1, logits of the last token only)
+Each repetition runs every variant (dense, then lte at each s; order rotated per repetition);
+medians over `--reps`.
+
+Columns: tokens/s, ratio = lte / dense, GB/s = weight bytes a step must read / step time (decode
+only; lte: FFN bytes scaled by the fraction of experts some token of the step uses, 1 - s^b for
+independent masks), the bound 1/(1 - f s) with f = FFN share of the weight bytes a step reads
+(memory-bound decode; for prefill the same f is the FFN share of the matmul FLOPs, attention
+scores aside), and attained = (ratio - 1) / (bound - 1), the share of the attainable saving.
+
+After the table: the dispatch decisions the run measured (kernels/autotune.py: bucket, chosen path,
+median ms of both): the timed self-check that the chosen path was the faster one on this machine.
+`--breakdown`: the per-FFN cost at batch 1 split into router, op call overhead, index/launch and
+kernel (manual timers on one layer's weights).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+SPARSITIES = (0.0, 0.5, 0.75, 0.9)
+DEFAULT_OUT = None
+VECTOR_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+PROMPT = 16
+
+
+def shape(args) -> dict:
+    if args.quick:
+        return dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
+                    vocab_size=8192)
+    return dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                vocab_size=32000)
+
+
+def build(args, dtype):
+    import transformers
+
+    cfg = transformers.LlamaConfig(**shape(args), num_hidden_layers=args.layers,
+                                   max_position_embeddings=max(2048, args.prefill + 64))
+    torch.manual_seed(args.seed)
+    dense = transformers.LlamaForCausalLM(cfg).eval()
+    return dense.to(dtype), cfg
+
+
+def weight_bytes(cfg, dtype) -> tuple[float, float]:
+    """(FFN bytes, all bytes) one decode step reads: every layer's matrices + lm_head (the
+    embedding is a row gather; norms are negligible)."""
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    size = torch.finfo(dtype).bits // 8
+    ffn = L * 3 * h * i
+    attn = L * (2 * h * h + 2 * h * kv)
+    return ffn * size, (ffn + attn + cfg.vocab_size * h) * size
+
+
+def prepare_sparse(dense, cfg, args):
+    import lte_compile as lte
+
+    model = lte.prepare(copy.deepcopy(dense), lte.Config(kmeans_iters=0))
+    g = torch.Generator().manual_seed(args.seed + 1)
+    for r in lte.routers(model).values():
+        with torch.no_grad():
+            w = r.linear.weight
+            w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w.shape[1]))
+    lte.set_mode(model, "hard")
+    return model
+
+
+def calibrate(model, cfg, s: float, args) -> dict[str, float]:
+    """Sets every router's bias for sparsity s (see the module doc); returns name -> bias."""
+    import lte_compile as lte
+
+    routers = lte.routers(model)
+    if s == 0.0:
+        biases = {name: 30.0 for name in routers}
+    else:
+        tau = next(iter(routers.values())).tau
+        g = torch.Generator().manual_seed(args.seed + 2)
+        ids = torch.randint(cfg.vocab_size, (4, 64), generator=g)
+        biases = {}
+        for name, r in routers.items():  # layer order: earlier layers already at sparsity s
+            seen = []
+            hook = r.register_forward_hook(lambda m, a, out: seen.append(a[0].detach()))
+            with torch.no_grad():
+                r.linear.bias.fill_(30.0)  # this layer and later ones dense while calibrating
+                for later in list(routers.values())[list(routers).index(name) + 1:]:
+                    later.linear.bias.fill_(30.0)
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            hook.remove()
+            z = torch.cat([r.linear(x.reshape(-1, x.shape[-1]).to(r.linear.weight.dtype)) for x in seen])
+            z = (z - r.linear.bias).flatten().float()
+            biases[name] = math.log(tau / (1 - tau)) - torch.quantile(z[:1 << 24], s).item()
+            with torch.no_grad():
+                r.linear.bias.fill_(biases[name])
+    set_biases(model, biases)
+    return biases
+
+
+def set_biases(model, biases: dict[str, float]) -> None:
+    import lte_compile as lte
+
+    with torch.no_grad():
+        for name, r in lte.routers(model).items():
+            r.linear.bias.fill_(biases[name])
+
+
+class DensityMeter:
+    """Mean density of used (token, expert) pairs over the routers' calls (eager hooks)."""
+
+    def __init__(self, model):
+        import lte_compile as lte
+        self.used = self.total = 0
+        self.hooks = [r.register_forward_hook(self._hook) for r in lte.routers(model).values()]
+        self.taus = {id(r): r.tau for r in lte.routers(model).values()}
+
+    def _hook(self, m, a, out):
+        self.used += int((out > self.taus[id(m)]).sum())
+        self.total += out.numel()
+
+    def close(self) -> float:
+        for h in self.hooks:
+            h.remove()
+        return self.used / max(1, self.total)
+
+
+def decode(model, fn, cache, batch: int, new_tokens: int, prompt) -> tuple[float, list[int]]:
+    """Greedy decode of `new_tokens` after an eager prefill of `prompt`; (seconds of the steps, tokens)."""
+    cache.reset()
+    with torch.no_grad():
+        out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]),
+                    use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+        toks = [tok]
+        start = time.perf_counter()
+        for i in range(new_tokens):
+            out = fn(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([prompt.shape[1] + i]),
+                     use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            toks.append(tok)
+        elapsed = time.perf_counter() - start
+    return elapsed, torch.cat(toks, 1)[0].tolist()
+
+
+def prefill(fn, ids) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        fn(input_ids=ids, use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - start
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(args, argv) -> list[str]:
+    from lte_compile.kernels import autotune
+    from lte_compile.kernels.cpu import cpu_flags, isa
+
+    import transformers
+    flags = cpu_flags()
+    vec = " ".join(f for f in VECTOR_FLAGS if f in flags) or "-"
+    return [f"- CPU: {cpu_name()}; kernel ISA `{isa()[0]}`; vector flags: {vec}",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, Python "
+            f"{platform.python_version()}, {torch.get_num_threads()} threads, "
+            f"load average at start {os.getloadavg()[0]:.1f}"
+            + (" (**busy machine: other processes share the cores; timings are noisy**)"
+               if os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1) else ""),
+            f"- measured dispatch (kernels/autotune.py): {'on' if autotune.enabled() else 'off (constants)'}; "
+            f"cache {autotune.cache_path() if autotune.enabled() else '-'}",
+            f"- command: `python benchmarks/bench_decode.py {' '.join(argv)}`".replace("  ", " ")]
+
+
+def fmt(x, spec=".2f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def run(args, argv) -> str:
+    import lte_compile as lte  # noqa: F401  (registers the backend)
+    from lte_compile.kernels import autotune
+    from transformers import StaticCache
+
+    lines = ["# Decode benchmark: `lte` vs `inductor` (bench_decode.py)", "", *header(args, argv)]
+    print("\n".join(lines), flush=True)
+    sparsities = args.sparsity
+    table = ["| dtype | workload | s | measured density | dense tok/s | lte tok/s | ratio lte/dense | "
+             "GB/s dense / lte | bound 1/(1-f·s) | attained |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for dt_name in args.dtypes:
+        dtype = getattr(torch, dt_name)
+        dense, cfg = build(args, dtype)
+        sparse = prepare_sparse(dense, cfg, args)
+        ffn_b, all_b = weight_bytes(cfg, dtype)
+        f = ffn_b / all_b
+        biases = {}
+        t0 = time.perf_counter()
+        for s in sparsities:
+            biases[s] = calibrate(sparse, cfg, s, args)
+        print(f"{dt_name}: f = FFN share of weight bytes = {f:.3f}; routers calibrated in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        fns = {"dense": (dense, torch.compile(dense.forward, backend="inductor", dynamic=False)),
+               "lte": (sparse, torch.compile(sparse.forward, backend="lte", dynamic=False))}
+        variants = [("dense", None)] + [("lte", s) for s in sparsities]
+        workloads = [("decode", b) for b in args.batches] + ([("prefill", args.prefill)] if args.prefill else [])
+        g = torch.Generator().manual_seed(args.seed + 3)
+        for kind, n in workloads:
+            if kind == "decode":
+                prompt = torch.randint(cfg.vocab_size, (n, PROMPT), generator=g)
+                caches = {k: StaticCache(config=cfg, max_cache_len=PROMPT + args.new_tokens + 1) for k in fns}
+                tokens_per_call = n * args.new_tokens
+            else:
+                ids = torch.randint(cfg.vocab_size, (1, n), generator=g)
+                tokens_per_call = n
+
+            def once(name, s, record=None):
+                model, fn = fns[name]
+                if s is not None:
+                    set_biases(model, biases[s])
+                if kind == "decode":
+                    secs, toks = decode(model, fn, caches[name], n, args.new_tokens, prompt)
+                    if record is not None:
+                        record[(name, s)] = toks
+                    return secs
+                return prefill(fn, ids)
+
+            t0 = time.perf_counter()
+            record = {}
+            for name, s in variants:  # compile + warm-up (and the autotuner's first-use timing)
+                once(name, s, record)
+            density = {}
+            for s in sparsities:  # density of used pairs, measured eagerly on this workload's input
+                set_biases(sparse, biases[s])
+                meter = DensityMeter(sparse)
+                with torch.no_grad():
+                    sparse(input_ids=prompt if kind == "decode" else ids, use_cache=False, logits_to_keep=1)
+                density[s] = meter.close()
+            match = "" if kind != "decode" or 0.0 not in sparsities else \
+                f"; s=0 tokens {'match' if record[('lte', 0.0)] == record[('dense', None)] else 'DIFFER from'} dense"
+            print(f"  {dt_name} {kind} {n}: compile + warm-up {time.perf_counter() - t0:.0f} s{match}", flush=True)
+            times = {v: [] for v in variants}
+            for rep in range(args.reps):
+                k = rep % len(variants)
+                for v in variants[k:] + variants[:k]:
+                    times[v].append(once(*v))
+            med = {v: statistics.median(t) for v, t in times.items()}
+            dense_tps = tokens_per_call / med[("dense", None)]
+            label = f"decode b={n}" if kind == "decode" else f"prefill {n}"
+            for s in sparsities:
+                tps = tokens_per_call / med[("lte", s)]
+                ratio = tps / dense_tps
+                bound = 1 / (1 - f * s)
+                attained = (ratio - 1) / (bound - 1) if s > 0 else None
+                if kind == "decode":
+                    steps = args.new_tokens
+                    union = 1 - s ** n if s > 0 else 1.0
+                    gbs = (f"{all_b * steps / med[('dense', None)] / 1e9:.1f} / "
+                           f"{(all_b - ffn_b * (1 - union)) * steps / med[('lte', s)] / 1e9:.1f}")
+                else:
+                    gbs = "—"
+                row = (f"| {dt_name} | {label} | {s} | {density[s]:.2f} | {dense_tps:.1f} | {tps:.1f} | "
+                       f"{ratio:.2f}x | {gbs} | {bound:.2f}x | {fmt(attained)} |")
+                table.append(row)
+                print("  " + row, flush=True)
+        del fns, dense, sparse
+        torch._dynamo.reset()
+    out = lines + ["", f"f = FFN share of the weight bytes a decode step reads ({args.layers} layers); "
+                   f"{args.new_tokens} decode steps after a {PROMPT}-token prompt; medians of {args.reps} "
+                   "interleaved repetitions.", "", *table]
+    decisions = autotune.decisions()
+    if decisions:
+        out += ["", "Dispatch decisions measured in this run (bucket: chosen; median ms of each path):", ""]
+        out += [f"- `{k}`: **{v['kernel']}** ({', '.join(f'{n} {ms:.3f}' for n, ms in v['ms'].items())}; "
+                f"{v['reps']} reps)" for k, v in sorted(decisions.items())]
+    return "\n".join(out)
+
+
+def breakdown(args) -> str:
+    """Per-FFN cost at batch 1 (one layer's weights, eager op calls, medians of many calls)."""
+    import torch.nn.functional as F
+
+    from lte_compile.kernels import dispatch, ops
+    from lte_compile.kernels.reference import sparse_ffn_reference
+
+    sh = shape(args)
+    d, N = sh["hidden_size"], sh["intermediate_size"]
+    B, tau = 32, 0.5
+    E = N // B
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, d, generator=g)
+    w_up, w_gate, w_down = (torch.randn(N, d, generator=g) / d ** 0.5 for _ in range(3))
+    w_r, b_r = torch.randn(E, d, generator=g) / d ** 0.5, torch.zeros(E)
+    dense_w_down = w_down.t().contiguous()  # [d, N]: nn.Linear layout
+    from lte_compile.kernels.cpu import sparse_ffn_cpu
+
+    def t(fn, n=200):
+        for _ in range(5):
+            fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    lines = ["", f"## Per-FFN breakdown at batch 1 (d={d}, N={N}, B={B}, fp32, {torch.get_num_threads()} threads; "
+             "median ms of 200 eager calls)", "",
+             "| s | router (linear+sigmoid) | op call overhead (torch.ops.lte vs direct kernel) | "
+             "index + launch (kernel, no expert on) | kernel | total LTE | dense FFN (3 F.linear) | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    dense_ms = t(lambda: F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), dense_w_down))
+    router_ms = t(lambda: torch.sigmoid(F.linear(x, w_r, b_r)))
+    none = torch.zeros(1, E)
+    index_ms = t(lambda: sparse_ffn_cpu(x, none, w_up, w_gate, w_down, None, None, None, "silu", B, "hard", tau))
+    for s in args.sparsity:
+        gates = torch.zeros(1, E)
+        gates[0, torch.randperm(E, generator=g)[:round((1 - s) * E)]] = 1.0
+        a = (x, gates, w_up, w_gate, w_down, None, None, None, "silu", B, "hard", tau)
+        kernel_ms = t(lambda: sparse_ffn_cpu(*a))
+        op_ms = t(lambda: ops.sparse_ffn(*a))
+        total = router_ms + op_ms
+        lines.append(f"| {s} | {router_ms:.3f} | {op_ms - kernel_ms:.3f} | {index_ms:.3f} | "
+                     f"{kernel_ms - index_ms:.3f} | {total:.3f} | {dense_ms:.3f} | {dense_ms / total:.2f}x |")
+    del dispatch, sparse_ffn_reference
+    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="hidden 512, vocab 8192, prefill 64, few tokens")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, quick 2)")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--prefill", type=int, default=None, help="prefill tokens (default 512, quick 64; 0: skip)")
+    p.add_argument("--sparsity", nargs="+", type=float, default=list(SPARSITIES))
+    p.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default 32, quick 8)")
+    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5, quick 3)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--breakdown", action="store_true", help="also print the per-FFN cost split at batch 1")
+    p.add_argument("--no-decode", action="store_true", help="only the breakdown")
+    p.add_argument("--out", default=None, help="write the markdown table to this file")
+    args = p.parse_args(argv)
+    args.layers = args.layers or (2 if args.quick else 4)
+    if args.prefill is None:
+        args.prefill = 64 if args.quick else 512
+    args.new_tokens = args.new_tokens or (8 if args.quick else 32)
+    args.reps = args.reps or (3 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    text = "" if args.no_decode else run(args, argv)
+    if args.breakdown:
+        text += "\n" + breakdown(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
