@@ -32,7 +32,9 @@ Decisions are cached in memory and in a JSON file per machine and version:
     file dispatch-<isa>-<torch version>-<hash of csrc/sparse_ffn_cpu.cpp>.json
 so a new torch, another ISA or an edited kernel starts a new file; inside, the CPU's model name,
 the core count and whether the extension built are checked too (a home directory shared between
-machines of one ISA), and a mismatch discards the entries.
+machines of one ISA), and a mismatch discards the entries. A decision timed while the machine is
+oversubscribed (1-minute load average above the core count) is used by this process but not
+written: the next process times that bucket again.
 
 Switches: LTE_AUTOTUNE=0 (or `set_enabled(False)`, or `with disabled():`) uses the constant rule
 everywhere (today's behaviour before this module); `clear_cache()` forgets every decision (memory
@@ -177,8 +179,10 @@ class Tuner:
     with the file's: a different one discards the file's entries.
     """
 
-    def __init__(self, path: Path | None, version: dict, timer: Callable[[], float] = time.perf_counter):
+    def __init__(self, path: Path | None, version: dict, timer: Callable[[], float] = time.perf_counter,
+                 busy: Callable[[], bool] | None = None):
         self.path, self.version, self.timer = path, version, timer
+        self.busy = machine_busy if busy is None else busy
         self.entries: dict[str, dict] = self._read()
         self.measured = 0  # buckets timed by this tuner (for tests and the benchmark header)
 
@@ -200,7 +204,8 @@ class Tuner:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read(), **self.entries}  # keep what other processes wrote meanwhile
+            mine = {k: v for k, v in self.entries.items() if not v.get("busy")}
+            merged = {**self._read(), **mine}  # keep what other processes wrote meanwhile
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".dispatch-", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump({"version": self.version, "entries": merged}, f, indent=1, sort_keys=True)
@@ -236,10 +241,13 @@ class Tuner:
         best = min(names, key=lambda n: med[n])
         if best != SAFE and SAFE in med and med[best] > med[SAFE] * (1 - MARGIN):
             best = SAFE  # within noise of dense: dense
-        self.entries[key] = {"kernel": best, "ms": {n: round(m * 1e3, 4) for n, m in med.items()},
-                             "reps": reps}
+        entry = {"kernel": best, "ms": {n: round(m * 1e3, 4) for n, m in med.items()}, "reps": reps}
+        if self.busy():
+            entry["busy"] = True  # timed on an oversubscribed machine: this process only
+        self.entries[key] = entry
         self.measured += 1
-        self._write()
+        if not entry.get("busy"):
+            self._write()
         return best, outs[best]
 
     def clear(self) -> None:
@@ -247,6 +255,15 @@ class Tuner:
         if self.path is not None:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+
+
+def machine_busy() -> bool:
+    """True if more runnable processes than cores (1-minute load average): timings taken now
+    reflect other jobs as much as the two paths, so their decision is not written to the file."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # no load average (Windows): trust the timing
+        return False
 
 
 def tuner() -> Tuner:
