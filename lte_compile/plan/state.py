@@ -284,6 +284,9 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         for spec in specs:
             kernel_layout_(inner, spec)
     inner.lte_config = config
+    if mode == "mixed":
+        logger.warning("lte.load: the routers in %s were saved in different modes; all start in 'dense' "
+                       "(lte.set_mode to choose)", cfg_path)
     set_mode(inner, mode if mode != "mixed" else "dense")
     skipped = [n for n, d in decisions.items() if d == "permuted"]
     if skipped:
