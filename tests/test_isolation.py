@@ -1,9 +1,11 @@
-"""Regression guard for issue 7: the op checks must pass after everything collection imports.
+"""Regression guards for issue 7: `make test` failed `opcheck(lte::apply_gates)` with
+std::bad_alloc (and, later, lte::sparse_ffn calls with `vector::reserve`) only in the whole suite.
 
-`make test` once failed `opcheck(lte::apply_gates)` with std::bad_alloc only when the whole suite
-was collected (never with one folder). Here a fresh interpreter imports every test module, as
-pytest's collection does (which also builds/loads the C++ extension), and then runs `opcheck` on
-both lte ops in both modes; `conftest.no_global_state_leak` guards the per-test side.
+Cause: with the repository root on sys.path, transformers' probe for the hub package
+(`importlib.import_module("kernels")`, run when a model config module is first imported) imported
+this repo's `kernels/` folder a second time as a top-level package; re-running ops.py re-defined
+the lte:: ops, torch destroyed the first registration, and the OpOverloads cached from it read
+freed memory. kernels/__init__.py now imports nothing under any name but `lte_compile.kernels`.
 """
 from __future__ import annotations
 
@@ -34,3 +36,32 @@ def test_opcheck_after_importing_every_test_module():
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(TESTS)], capture_output=True, text=True,
                           env=env, cwd=TESTS.parent, timeout=600)
     assert proc.returncode == 0 and "opcheck ok" in proc.stdout, proc.stderr[-4000:]
+
+
+PROBE = r"""
+import importlib, sys
+sys.path.insert(0, sys.argv[1])  # the repository root, as pytest and `python -m` from a checkout put it
+import torch
+import torch._library.custom_ops as custom_ops
+import lte_compile.kernels
+libs = {name: custom_ops.OPDEF_TO_LIB[name] for name in ("lte::sparse_ffn", "lte::apply_gates")}
+import transformers.models.llama.configuration_llama  # transformers probes `import kernels` here
+from transformers.utils import import_utils
+importlib.import_module("kernels")
+assert "kernels" in sys.modules, "the probe did not run: this test no longer tests the shadowing"
+assert all(custom_ops.OPDEF_TO_LIB[n] is lib for n, lib in libs.items()), "lte:: ops were defined twice"
+assert not import_utils.is_kernels_available(), "transformers mistook kernels/ for the hub package"
+from tests.kernels import test_ops
+for mode in ("soft", "hard"):
+    test_ops.test_opcheck_apply_gates(mode)
+    test_ops.test_opcheck_sparse_ffn(mode, True, True)
+print("probe ok")
+"""
+
+
+def test_transformers_kernels_probe_does_not_redefine_the_ops():
+    root = str(TESTS.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "-c", PROBE, root], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=600)
+    assert proc.returncode == 0 and "probe ok" in proc.stdout, proc.stderr[-4000:]
