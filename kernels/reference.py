@@ -20,12 +20,15 @@ from torch import Tensor
 # imports this module, so defining them there would be an import cycle). Everything else imports
 # them from `lte_compile.kernels` (ops re-exports them); the C++ `act_code` is checked against
 # ACTIVATIONS by tests/kernels/test_cpu.py.
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # FFN activation names accepted by lte::sparse_ffn
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "relu2", "quick_gelu")  # FFN activation names accepted by lte::sparse_ffn
 MODES = ("soft", "hard")  # gate modes of lte::sparse_ffn / lte::apply_gates
+QUICK_GELU_ALPHA = 1.702  # quick_gelu(a) = a * sigmoid(1.702 a) (CLIP, HF QuickGELUActivation)
 
 
 def activation(name: str, a: Tensor) -> Tensor:
-    """The FFN activation by name (relu | gelu | gelu_tanh | silu)."""
+    """The FFN activation by name (relu | gelu | gelu_tanh | silu | relu2 | quick_gelu).
+
+    relu2 is squared ReLU, relu(a)**2; quick_gelu is a * sigmoid(1.702 a)."""
     if name == "relu":
         return F.relu(a)
     if name == "gelu":
@@ -34,11 +37,16 @@ def activation(name: str, a: Tensor) -> Tensor:
         return F.gelu(a, approximate="tanh")
     if name == "silu":
         return F.silu(a)
+    if name == "relu2":
+        return F.relu(a).square()
+    if name == "quick_gelu":
+        return a * torch.sigmoid(QUICK_GELU_ALPHA * a)
     raise ValueError(f"activation {name!r} is not one of {ACTIVATIONS}")
 
 
 def activation_backward(name: str, grad: Tensor, a: Tensor) -> Tensor:
-    """d act(a) / da * grad, with ATen's own backward formulas (exactly what autograd uses)."""
+    """d act(a) / da * grad, with ATen's own backward formulas (exactly what autograd uses) where
+    ATen has one; relu2: 2 relu(a) grad; quick_gelu: (s + 1.702 a s (1 - s)) grad, s = sigmoid(1.702 a)."""
     if name == "relu":
         return torch.ops.aten.threshold_backward(grad, F.relu(a), 0)
     if name == "gelu":
@@ -47,6 +55,11 @@ def activation_backward(name: str, grad: Tensor, a: Tensor) -> Tensor:
         return torch.ops.aten.gelu_backward(grad, a, approximate="tanh")
     if name == "silu":
         return torch.ops.aten.silu_backward(grad, a)
+    if name == "relu2":
+        return 2.0 * F.relu(a) * grad
+    if name == "quick_gelu":
+        s = torch.sigmoid(QUICK_GELU_ALPHA * a)
+        return grad * (s + QUICK_GELU_ALPHA * a * s * (1.0 - s))
     raise ValueError(f"activation {name!r} is not one of {ACTIVATIONS}")
 
 

@@ -43,7 +43,7 @@ from .reference import ACTIVATIONS
 
 DECODE_MAX_T = 8
 # ACT constexpr of `_act` per activation name; the names are the op's (reference.ACTIVATIONS).
-_ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+_ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu2": 4, "quick_gelu": 5}
 if set(_ACT_CODES) != set(ACTIVATIONS):  # a new activation needs a branch in `_act` first
     raise ImportError(f"sparse_ffn_triton implements {sorted(_ACT_CODES)}, the op accepts {ACTIVATIONS}")
 
@@ -54,7 +54,7 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _activation(a, ACT: tl.constexpr):
-    """a: fp32 -> act(a); ACT: 0 relu, 1 gelu (erf), 2 gelu (tanh), 3 silu."""
+    """a: fp32 -> act(a); ACT: 0 relu, 1 gelu (erf), 2 gelu (tanh), 3 silu, 4 relu2, 5 quick_gelu."""
     if ACT == 0:
         return tl.maximum(a, 0.0)
     elif ACT == 1:
@@ -62,6 +62,11 @@ def _activation(a, ACT: tl.constexpr):
     elif ACT == 2:
         z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
         return 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))  # tanh(z) = 2 sigmoid(2z) - 1
+    elif ACT == 4:
+        r = tl.maximum(a, 0.0)
+        return r * r  # squared ReLU
+    elif ACT == 5:
+        return a * tl.sigmoid(1.702 * a)  # quick GELU
     else:
         return a * tl.sigmoid(a)
 

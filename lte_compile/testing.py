@@ -150,7 +150,7 @@ def sparse_ffn_cases(draw, dtypes=(torch.float32,), max_T: int = 24, max_d: int 
 
 # The naive reference's own activation table: nothing shared with the kernels or reference.py.
 _ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
-        "silu": F.silu}
+        "silu": F.silu, "relu2": lambda a: F.relu(a) ** 2, "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a)}
 
 
 def naive_sparse_ffn(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau):

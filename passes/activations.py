@@ -1,5 +1,12 @@
 """Activation forms an FFN's hidden layer takes in a graph, normalised for `find_ffns` (match.py):
-relu, gelu (erf), gelu_tanh (also GPT-2's decomposed `gelu_new`), silu (also `x * sigmoid(x)`).
+relu, gelu (erf), gelu_tanh (also GPT-2's decomposed `gelu_new`), silu (also `x * sigmoid(x)`),
+relu2 (squared ReLU: `relu(x)**2`, `torch.square(relu(x))`, `relu(x) * relu(x)`, `.pow(2)`; Primer,
+Nemotron, HF `ReLUSquaredActivation`) and quick_gelu (`x * sigmoid(1.702 * x)`, HF `QuickGELUActivation`).
+
+The graphs spell them (checked on torch 2.13): Dynamo `operator.pow` / `torch.pow` / `Tensor.pow`
+(call_method) / `torch.square` / `operator.mul`; torch.export `aten.pow.Tensor_Scalar`,
+`aten.square.default` (decomposed to `aten.pow.Tensor_Scalar` by `run_decompositions`), `aten.mul.Tensor`.
+`op_name` folds all of these to "pow" / "square" / "mul".
 
 Decomposed spellings are matched as (op, *operands) pattern trees, commutative ops in either order.
 """
@@ -16,16 +23,16 @@ from .fx_utils import arg, op_name, scalar_value, submodule
 
 @dataclass
 class Activation:
-    name: str  # relu | gelu | gelu_tanh | silu
+    name: str  # one of ACTIVATIONS: relu | gelu | gelu_tanh | silu | relu2 | quick_gelu
     input: fx.Node
     nodes: list[fx.Node]
 
 
 X = "X"  # the pattern variable: the activation's input
+_QUICK_GELU = 1.702  # CLIP's quick GELU: x * sigmoid(1.702 x)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _COMMUTATIVE = frozenset({"mul", "add"})
 
-# Decomposed activations as (op, *operands) trees; floats match constants, X the input node.
 _NEW_GELU_INNER = ("mul", _SQRT_2_OVER_PI, ("add", X, ("mul", 0.044715, ("pow", X, 3.0))))
 _FAST_GELU_INNER = ("mul", ("mul", X, _SQRT_2_OVER_PI), ("add", 1.0, ("mul", ("mul", 0.044715, X), X)))
 
@@ -43,6 +50,12 @@ _DECOMPOSED: dict[str, list[tuple]] = {
         ("mul", ("mul", X, 0.5), ("add", 1.0, ("erf", ("mul", X, 1.0 / math.sqrt(2.0))))),
     ],
     "silu": [("mul", X, ("sigmoid", X))],
+    "quick_gelu": [("mul", X, ("sigmoid", ("mul", _QUICK_GELU, X)))],
+    "relu2": [
+        ("pow", ("relu", X), 2.0),  # relu(x)**2, torch.pow(relu(x), 2), relu(x).pow(2), aten.pow.Tensor_Scalar
+        ("square", ("relu", X)),  # torch.square(relu(x)), HF ReLUSquaredActivation, aten.square
+        ("mul", ("relu", X), ("relu", X)),  # r * r (one relu node) or relu(x) * relu(x) (two)
+    ],
 }
 
 
@@ -67,7 +80,7 @@ def match_activation(node: fx.Node) -> Activation | None:
             binding: dict[str, fx.Node] = {}
             nodes: list[fx.Node] = []
             if _match(pattern, node, binding, nodes):
-                return Activation(name, binding[X], nodes)
+                return Activation(name, binding[X], list(dict.fromkeys(nodes)))  # r * r: one relu node
     return None
 
 

@@ -4,7 +4,7 @@ An FFN is `y = down(act(up(x)))` or, gated (GLU), `y = down(act(gate(x)) * up(x)
 anchors on every projection (candidate `down`) and walks back through its input:
 
     down <- [dropout, views, casts] <- [lte.apply_gates(h, G, B, mode, tau)] <- [dropout, ...]
-         <- act(up)                 (relu | gelu | gelu_tanh | silu, also decomposed)
+         <- act(up)                 (relu | gelu | gelu_tanh | silu | relu2 | quick_gelu, also decomposed)
          <- act(gate) * up          (either operand order; gate/up may be slices of one fused
                                      projection, Phi-3 `gate_up_proj(x).chunk(2, -1)`)
 
@@ -259,7 +259,7 @@ def _glu(h: fx.Node, ctx: _Context) -> tuple[Activation, _Branch, _Branch, list[
 
 def _unknown_activation(h: fx.Node, down: Projection, ctx: _Context) -> NearMiss | None:
     """A near miss if `h` is an element-wise function of one or two projections: an activation
-    we do not support (tanh, squared ReLU, quick_gelu, ...). Anything else is simply not an FFN."""
+    we do not support (tanh, mish, relu(x)**3, x * sigmoid(1.5 x), ...). Anything else is simply not an FFN."""
     sources, ops, stack, seen = set(), [], [h], set()
     while stack:
         node = stack.pop()

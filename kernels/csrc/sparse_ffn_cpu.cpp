@@ -51,7 +51,8 @@ constexpr int kTokChunk = 4;     // tokens sharing one pass over a weight row (r
 constexpr int kRowGroup = 8;     // W_down rows combined per pass over a y tile
 constexpr int64_t kDTile = 1024; // d tile of phase 1 (expert tile = 2*B*kDTile*4 B = 256 KB at B=32)
 
-enum Act { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+// Codes follow kernels/reference.py ACTIVATIONS order (act_code maps the names).
+enum Act { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kRelu2 = 4, kQuickGelu = 5 };
 
 inline float to_f(float v) { return v; }
 // bf16 -> fp32 is a 16-bit shift; written on the bits so the compiler vectorizes it.
@@ -71,6 +72,11 @@ inline float activation(int act, float a) {
       const float k = 0.7978845608028654f;  // sqrt(2 / pi)
       return 0.5f * a * (1.f + std::tanh(k * (a + 0.044715f * a * a * a)));
     }
+    case kRelu2: {  // squared ReLU
+      const float r = a > 0.f ? a : 0.f;
+      return r * r;
+    }
+    case kQuickGelu: return a / (1.f + std::exp(-1.702f * a));  // a * sigmoid(1.702 a)
     default: return a / (1.f + std::exp(-a));
   }
 }
@@ -637,6 +643,8 @@ int act_code(const std::string& act) {
   if (act == "gelu") return kGelu;
   if (act == "gelu_tanh") return kGeluTanh;
   if (act == "silu") return kSilu;
+  if (act == "relu2") return kRelu2;
+  if (act == "quick_gelu") return kQuickGelu;
   TORCH_CHECK(false, "lte sparse_ffn_cpu: unknown activation ", act);
 }
 

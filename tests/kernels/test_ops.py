@@ -65,6 +65,28 @@ def test_autograd_fp32_hard_uses_fast_forward(case):
     _check_grads(case, torch.float32, 1e-4, 1e-4, "fp32 hard")  # fp32 accumulation over <= 256 terms
 
 
+@pytest.mark.parametrize("act", ops.ACTIVATIONS)
+@pytest.mark.parametrize("mode,glu", [("soft", True), ("hard", False)])
+def test_autograd_every_activation_matches_naive(act, mode, glu):
+    """Each activation's forward and backward formula (reference.activation_backward) against
+    autograd through the naive loop, float64, every gradient; the property tests above draw
+    activations at random, this pins every one of them (relu2, quick_gelu included)."""
+    from lte_compile.testing import FFNCase
+
+    g = torch.Generator().manual_seed(11)
+    T, d, E, B = 4, 10, 3, 4
+    f64 = dict(dtype=torch.float64, generator=g)
+    mask = torch.rand(T, E, generator=g) > 0.4
+    u = torch.rand(T, E, generator=g) * 0.4
+    gates = torch.where(mask, TAU + 0.05 + u, TAU - 0.05 - u) if mode == "hard" else torch.where(mask, 0.05 + u, 0.0)
+    case = FFNCase(x=torch.randn(T, d, **f64), gates=gates.float(), w_up=torch.randn(E * B, d, **f64),
+                   w_gate=torch.randn(E * B, d, **f64) if glu else None, w_down=torch.randn(E * B, d, **f64),
+                   b_up=torch.randn(E * B, **f64), b_gate=torch.randn(E * B, **f64) if glu else None,
+                   b_down=torch.randn(d, **f64), act=act, expert_size=B, mode=mode, mask_kind="random",
+                   dtype=torch.float64)
+    _check_grads(case, torch.float64, 1e-9, 1e-7, f"float64 {act}")
+
+
 def _sample(mode, glu=True, bias=True, dtype=torch.float32, T=3):
     g = torch.Generator().manual_seed(7)
     d, E, B = 12, 3, 4

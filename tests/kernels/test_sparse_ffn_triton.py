@@ -15,6 +15,7 @@ from hypothesis import given, settings
 
 from lte_compile.kernels import sparse_ffn_triton as tri
 from lte_compile.testing import TAU, assert_matches_naive, examples, sparse_ffn_cases
+from lte_compile.testing import FFNCase as sparse_ffn_case
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                  reason="needs CUDA or TRITON_INTERPRET=1")
@@ -51,6 +52,22 @@ def run(case, device="cpu"):
 def test_decode_path_matches_naive(case):
     """T <= DECODE_MAX_T: per-expert skip + predicated down loop (no tl.dot, so bf16 is fine here)."""
     assert_matches_naive(run(case), case, "Triton decode")
+
+
+@interpreted
+@pytest.mark.parametrize("act", tri.ACTIVATIONS)
+def test_every_activation_both_paths(act):
+    """Each `_activation` branch (ACT code from `_ACT_CODES`) on the decode and the grouped path."""
+    for T in (2, tri.DECODE_MAX_T + 3):
+        g = torch.Generator().manual_seed(T)
+        E, B, d = 2, 16, 12
+        f64 = dict(dtype=torch.float64, generator=g)
+        gates = torch.where(torch.rand(T, E, generator=g) > 0.3, TAU + 0.2, TAU - 0.2).float()
+        case = sparse_ffn_case(x=torch.randn(T, d, **f64), gates=gates, w_up=torch.randn(E * B, d, **f64) / 3,
+                               w_gate=torch.randn(E * B, d, **f64) / 3, w_down=torch.randn(E * B, d, **f64) / 6,
+                               b_up=None, b_gate=None, b_down=None, act=act, expert_size=B, mode="hard",
+                               mask_kind="random", dtype=torch.float32)
+        assert_matches_naive(run(case), case, f"Triton {act}, T={T}")
 
 
 @interpreted

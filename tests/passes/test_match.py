@@ -64,7 +64,8 @@ DECOMPOSED = ("llama", "phi3", "gpt2", "bert")  # export + run_decompositions():
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-_ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}
+_ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu,
+        "relu2": lambda a: F.relu(a) * F.relu(a), "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a)}
 
 
 def _project(ref, x: torch.Tensor) -> torch.Tensor:
@@ -305,12 +306,91 @@ def test_fused_gate_up_spellings(split, kind):
     assert_matches_compute_ffn(graph.graph_module if kind == "export" else graph, args, report)
 
 
-@pytest.mark.parametrize("act, op", [("QuickGELUActivation", "sigmoid"), ("ReLUSquaredActivation", "square")])
-def test_unsupported_hf_activations_are_near_misses(act, op):
-    report = find_ffns_in_model(models.MLP(act=_hf_activation(act)).eval(), models.tokens())
+class _Fn(nn.Module):
+    """An activation written as a lambda (each spelling below is one user's way to write it)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _relu_times_itself(x: torch.Tensor) -> torch.Tensor:
+    r = torch.relu(x)
+    return r * r  # one relu node used twice
+
+
+# Spellings of squared ReLU and quick GELU -> name; each is checked in Dynamo, export (training IR)
+# and decomposed export graphs: Dynamo records operator.pow / torch.pow / Tensor.pow / torch.square
+# / operator.mul, export aten.pow.Tensor_Scalar / aten.square (-> pow after run_decompositions) / aten.mul.
+NEW_SPELLINGS = {
+    "relu(x)**2": (lambda: _Fn(lambda x: F.relu(x) ** 2), "relu2"),
+    "torch.pow(relu(x),2)": (lambda: _Fn(lambda x: torch.pow(F.relu(x), 2)), "relu2"),
+    "relu(x).pow(2)": (lambda: _Fn(lambda x: F.relu(x).pow(2)), "relu2"),
+    "torch.square(relu(x))": (lambda: _Fn(lambda x: torch.square(F.relu(x))), "relu2"),
+    "x.relu().square()": (lambda: _Fn(lambda x: x.relu().square()), "relu2"),
+    "relu(x)*relu(x)": (lambda: _Fn(lambda x: F.relu(x) * F.relu(x)), "relu2"),
+    "r*r": (lambda: _Fn(_relu_times_itself), "relu2"),
+    "nn.ReLU()(x)**2.0": (lambda: _Fn(lambda x, r=nn.ReLU(): r(x) ** 2.0), "relu2"),
+    "ReLUSquaredActivation": (functools.partial(_hf_activation, "ReLUSquaredActivation"), "relu2"),
+    "x*sigmoid(1.702x)": (lambda: _Fn(lambda x: x * torch.sigmoid(1.702 * x)), "quick_gelu"),
+    "sigmoid(x*1.702)*x": (lambda: _Fn(lambda x: torch.sigmoid(x * 1.702) * x), "quick_gelu"),
+    "QuickGELUActivation": (functools.partial(_hf_activation, "QuickGELUActivation"), "quick_gelu"),
+}
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "export", "decomposed"])
+@pytest.mark.parametrize("spelling", NEW_SPELLINGS)
+def test_relu2_and_quick_gelu_spellings(spelling, kind):
+    make, expected = NEW_SPELLINGS[spelling]
+    module, x = models.MLP(act=make()).eval(), models.tokens()
+    graph, args = _graph_of("export" if kind == "decomposed" else kind, module, x)
+    if kind == "decomposed":  # core ATen: aten.square becomes aten.pow.Tensor_Scalar
+        graph = graph.run_decompositions()
+        args = graph._graph_module_flat_inputs((x,), {})
+    report = find_ffns(graph, args if kind == "dynamo" else None)
+    assert [m.activation for m in report] == [expected] and report.near_misses == [], report.near_misses
+    assert_matches_compute_ffn(graph if kind == "dynamo" else graph.graph_module, args, report)
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "export"])
+@pytest.mark.parametrize("act", ["relu2", "quick_gelu"])
+def test_relu2_and_quick_gelu_in_a_glu(act, kind):
+    """act(gate) * up with the new activations (ReGLU-squared, a quick-GELU GLU)."""
+    fn = {"relu2": lambda a: torch.square(F.relu(a)), "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a)}[act]
+
+    class GLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.gate, self.up, self.down = nn.Linear(16, 64), nn.Linear(16, 64), nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.down(fn(self.gate(x)) * self.up(x))
+
+    graph, args = _graph_of(kind, GLU().eval(), models.tokens())
+    report = find_ffns(graph, None if kind == "export" else args)
+    (m,) = report
+    assert (m.activation, m.glu) == (act, True) and report.near_misses == []
+    assert_matches_compute_ffn(graph.graph_module if kind == "export" else graph, args, report)
+
+
+@pytest.mark.parametrize("act, op", [
+    (lambda: _Fn(lambda x: F.relu(x) ** 3), "pow"),  # cubed ReLU: not relu2
+    (lambda: _Fn(lambda x: x * torch.sigmoid(1.5 * x)), "sigmoid"),  # not 1.702: not quick_gelu
+    (lambda: _Fn(lambda x: 0.5 * F.relu(x) ** 2), "mul"),  # scaled: not relu2
+    (nn.Mish, "mish"),
+])
+@pytest.mark.parametrize("kind", ["dynamo", "export"])
+def test_unsupported_activations_are_near_misses_naming_the_op(act, op, kind):
+    graph, args = _graph_of(kind, models.MLP(act=act()).eval(), models.tokens())
+    report = find_ffns(graph, None if kind == "export" else args)
     assert len(report) == 0
     (miss,) = report.near_misses
-    assert miss.reason.startswith("unknown activation") and op in miss.reason
+    ops = miss.reason.split("reads [", 1)[1].split("]", 1)[0].split(", ")
+    assert miss.reason.startswith("unknown activation") and op in ops, miss.reason
 
 
 def test_symbolic_trace_linear_leaves_name_their_module():
