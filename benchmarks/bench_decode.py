@@ -305,10 +305,13 @@ def run(args, argv) -> str:
                    f"{args.new_tokens} decode steps after a {PROMPT}-token prompt; medians of {args.reps} "
                    "interleaved repetitions.", "", *table]
     decisions = autotune.decisions()
+    print(f"dispatch: {len(decisions)} bucket(s) decided by measurement in this process "
+          f"({autotune.tuner().measured if decisions else 0} timed now, the rest from the cache file)", flush=True)
     if decisions:
-        out += ["", "Dispatch decisions measured in this run (bucket: chosen; median ms of each path):", ""]
+        out += ["", "Dispatch decisions this run used (bucket: chosen; median ms of each path when it was "
+                "timed; `busy`: timed under load, not cached):", ""]
         out += [f"- `{k}`: **{v['kernel']}** ({', '.join(f'{n} {ms:.3f}' for n, ms in v['ms'].items())}; "
-                f"{v['reps']} reps)" for k, v in sorted(decisions.items())]
+                f"{v['reps']} reps{', busy' if v.get('busy') else ''})" for k, v in sorted(decisions.items())]
     return "\n".join(out)
 
 

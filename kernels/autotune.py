@@ -185,6 +185,7 @@ class Tuner:
         self.busy = machine_busy if busy is None else busy
         self.entries: dict[str, dict] = self._read()
         self.measured = 0  # buckets timed by this tuner (for tests and the benchmark header)
+        self.used: set[str] = set()  # buckets whose decision this process looked up or made
 
     def _read(self) -> dict[str, dict]:
         if self.path is None:
@@ -217,7 +218,10 @@ class Tuner:
 
     def lookup(self, key: str) -> str | None:
         entry = self.entries.get(key)
-        return None if entry is None else entry["kernel"]
+        if entry is None:
+            return None
+        self.used.add(key)
+        return entry["kernel"]
 
     def measure(self, key: str, run: Callable[[str], Tensor],
                 names: tuple[str, ...] = CANDIDATES) -> tuple[str, Tensor]:
@@ -245,6 +249,7 @@ class Tuner:
         if self.busy():
             entry["busy"] = True  # timed on an oversubscribed machine: this process only
         self.entries[key] = entry
+        self.used.add(key)
         self.measured += 1
         if not entry.get("busy"):
             self._write()
@@ -252,6 +257,7 @@ class Tuner:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.used.clear()
         if self.path is not None:
             with contextlib.suppress(OSError):
                 self.path.unlink()
@@ -282,5 +288,5 @@ def set_tuner(t: Tuner | None) -> Tuner | None:
 
 
 def decisions() -> dict[str, dict]:
-    """The decisions known to this process (bucket -> {"kernel", "ms", "reps"}), for reports."""
-    return dict(_tuner.entries) if _tuner is not None else {}
+    """The decisions this process used (bucket -> {"kernel", "ms", "reps"[, "busy"]}), for reports."""
+    return {k: _tuner.entries[k] for k in sorted(_tuner.used)} if _tuner is not None else {}

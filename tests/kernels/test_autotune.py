@@ -157,7 +157,7 @@ def test_cache_written_and_reread(fresh):
     assert data["version"] == VERSION and data["entries"]["key-a"]["kernel"] == "cpu"
     # a fresh tuner (another process) reads it and does not time again
     t2 = autotune.Tuner(path, VERSION, timer=clock, busy=lambda: False)
-    assert t2.lookup("key-a") == "cpu" and t2.measured == 0
+    assert t2.lookup("key-a") == "cpu" and t2.measured == 0 and t2.used == {"key-a"}
     # entries of two processes are merged, not overwritten
     t1.measure("key-b", run)
     t2.measure("key-c", run)
