@@ -61,8 +61,15 @@ class LTERouter(nn.Module):
                           "(compiled graphs bake the threshold in)")
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [..., d] -> G: [..., E] (float32, or float64 in a float64 model)."""
-        return torch.sigmoid(self.linear(x.to(self.linear.weight.dtype)))
+        """x: [..., d] -> G: [..., E] (float32, or float64 in a float64 model).
+
+        x is detached: the gate losses train the router, never the model through x. Without it,
+        L_eff trains the hidden states to close the gates (W.x far negative, offset by a router-bias
+        shift of +68 after the demo's stage 1); stage 2's task loss then undoes that distortion
+        while the routers are frozen, and hard-mode sparsity drifted (target 0.75: 0.75 -> 0.02).
+        The model still gets the soft-mode task gradient through G * FFN_e(x).
+        """
+        return torch.sigmoid(self.linear(x.detach().to(self.linear.weight.dtype)))
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

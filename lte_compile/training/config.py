@@ -41,7 +41,8 @@ class TrainConfig:
     controller_gain: float = 0.3
     """Fraction of the quantile correction applied per stage-1 step (controller.py)."""
     calibration_batches: int = 4
-    """Training batches (not consumed) used to warm-start and calibrate the router bias."""
+    """Training batches (not consumed) that warm-start the router bias before stage 1 (the hard-mode
+    calibration at the end of stage 1 uses the held-out batches, where the target is defined)."""
     model_lr: float = 2e-4
     """Model learning rate in stage 1 (the small-LM runs)."""
     stage2_lr: float = 1e-4
@@ -62,6 +63,13 @@ class TrainConfig:
     """Tokens per sequence when `data` is a token tensor."""
     eval_batches: int = 8
     """Held-out batches for the final sparsity and loss (and stage ends)."""
+    heldout_every: int = 25
+    """Stage-2 steps between held-out sparsity records in the telemetry (on 2 held-out batches;
+    0 = none): a drift of the hard-mode sparsity under frozen routers shows there."""
+    recalibrate_final: bool = False
+    """Shift the router bias once more after stage 2 if held-out sparsity is off target by more than
+    the tolerance. Off by default: the shifted masks are ones stage 2 never adapted the model to
+    (a warning says how far off the target is instead)."""
     heldout_fraction: float = 0.05
     """Share of a token tensor held out when no `eval_data` is given."""
     task: str = "auto"
@@ -91,7 +99,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Types first (bool is not an int; "0.5" is not a float; NaN/inf are refused), then ranges."""
-        for name in ("stage1_steps", "stage2_steps", "checkpoint_every", "warmup_steps", "keep_checkpoints"):
+        for name in ("stage1_steps", "stage2_steps", "checkpoint_every", "warmup_steps", "keep_checkpoints",
+                     "heldout_every"):
             check_int(name, getattr(self, name), 0)
         for name in ("batch_size", "eval_batches", "log_every", "calibration_batches"):
             check_int(name, getattr(self, name), 1)
@@ -114,7 +123,7 @@ class TrainConfig:
         check_choice("task", self.task, TASKS)
         check_choice("distributed", self.distributed, ("auto", "ddp", "fsdp", "none"),
                      "'auto', 'ddp', 'fsdp' or 'none'")
-        for name in ("resume", "progress", "plots"):
+        for name in ("resume", "progress", "plots", "recalibrate_final"):
             check_bool(name, getattr(self, name))
         self.out_dir = check_path("out_dir", self.out_dir)
         if not isinstance(self.extra, dict):
