@@ -64,6 +64,7 @@ def rewrite_ffns(gm: fx.GraphModule, report: FFNReport) -> RewriteResult:
     """Replace every prepared match (one with an `lte.apply_gates` node) by `lte_ffn_region`."""
     start = time.perf_counter()
     result = RewriteResult(gm, False)
+    replaced: dict[fx.Node, fx.Node] = {}  # an earlier FFN's output -> its lte_ffn_region node
     for m in report.matches:
         if not m.prepared:
             continue
@@ -72,7 +73,7 @@ def rewrite_ffns(gm: fx.GraphModule, report: FFNReport) -> RewriteResult:
             result.skipped.append(f"{m.module}: {reason}")
             logger.warning("lte rewrite: %s: %s; this FFN runs unfused (masked dense)", m.module, reason)
             continue
-        _rewrite_one(gm.graph, m)
+        replaced[m.output_node] = _rewrite_one(gm.graph, m, replaced)
         _erase_dead_region(gm.graph, m)
         result.rewritten.append(m.module)
     if result.rewritten:
@@ -127,7 +128,9 @@ def _layout(ref: LinearRef, down: bool = False) -> tuple:
     return (ref.transposed, ref.rows, down)
 
 
-def _rewrite_one(graph: fx.Graph, m: FFNMatch) -> None:
+def _rewrite_one(graph: fx.Graph, m: FFNMatch, replaced: dict[fx.Node, fx.Node]) -> fx.Node:
+    """Insert `lte_ffn_region` for `m`; x may be the output of an FFN rewritten before (stacked
+    FFNs, `nn.Sequential(ffn, ffn)`): `replaced` maps that erased node to its replacement."""
     w_up, b_up = _weight(m.up)
     w_gate, b_gate = _weight(m.gate)
     w_down, b_down = _weight(m.down)
@@ -135,7 +138,9 @@ def _rewrite_one(graph: fx.Graph, m: FFNMatch) -> None:
                   up=_layout(m.up), gate=_layout(m.gate) if m.gate is not None else None,
                   down=_layout(m.down, down=True))
     with graph.inserting_before(m.output_node):
-        new = graph.call_function(lte_ffn_region, (m.input_node, m.gates_node, w_up, w_gate, w_down,
+        x, gates = (replaced.get(n, n) for n in (m.input_node, m.gates_node))
+        new = graph.call_function(lte_ffn_region, (x, gates, w_up, w_gate, w_down,
                                                    b_up, b_gate, b_down), kwargs)
     new.meta.update({k: v for k, v in m.output_node.meta.items() if k in ("example_value", "val", "stack_trace", "nn_module_stack")})
     m.output_node.replace_all_uses_with(new)
+    return new
