@@ -20,7 +20,7 @@ from .plan import apply_kernel_layout, gates, get_mode, is_prepared, load, prepa
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first access (PEP 562)
-_LAZY = {"train": "training", "evaluate": "training", "TrainConfig": "training", "TrainResult": "training",
+_LAZY = {"train": "training", "evaluate": "training", "fit_routers": "training", "TrainConfig": "training", "TrainResult": "training",
          "LTETrainer": "training.trainer", "LTETrainerCallback": "training.trainer"}
 
 __all__ = ["Config", "prepare", "set_mode", "get_mode", "routers", "gates", "is_prepared", "save", "load",

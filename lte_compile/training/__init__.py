@@ -1,6 +1,7 @@
 """LTE training: the two-stage driver and what it is built from.
 
 - `driver.py`: `train` (stage 1 soft, stage 2 hard, target-sparsity control, checkpoints);
+- `fit.py`: `fit_routers`, the training-free mode (routers fitted on the frozen model's activations);
 - `config.py`: `TrainConfig`, `TrainResult`;   `evaluate.py`: `evaluate`, held-out statistics;
 - `batches.py`: token windows and dict batches;   `losses.py`: L_eff, L_sep, gate statistics;
 - `controller.py`: the router-bias controller;   `optim.py`: optimizer groups (routers apart);
@@ -12,6 +13,7 @@ from .config import TrainConfig, TrainResult
 from .controller import SparsityController
 from .driver import NonFiniteLossError, train
 from .evaluate import evaluate
+from .fit import FitReport, fit_routers
 from .losses import GateStats, LossTerms, gate_stats, loss_terms
 from .optim import adamw_groups
 

@@ -1,0 +1,159 @@
+"""Training-free LTE: fit the routers on the frozen model's activations, then set the sparsity.
+
+    lte.prepare(model, lte.Config())
+    report = lte.fit_routers(model, token_ids, target_sparsity=0.7)   # minutes; no model weight changes
+
+MoEfication's recipe on LTE's experts and router: run the dense model on a few batches, label
+each (token, expert) pair with the expert's share of the token's FFN activation norm
+(`expert_labels`: ||h_e|| / max_e ||h_e||, in [0, 1]), train each router (linear + sigmoid, the
+same module LTE trains) on those labels with a cross-entropy, then shift the router biases so
+hard-mode sparsity on held-out data lands on the target (`SparsityController.calibrate`). Only
+router parameters change, so the model's own quality is untouched in dense mode and the routers
+can later be refined by `lte.train`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, NotPreparedError
+from ..plan import config_of, get_mode, is_prepared, routers, set_mode
+from ..plan.router import LTERouter
+from .batches import TokenBatches, eval_list, prepare_batch
+from .controller import SparsityController
+from .evaluate import forward_batches
+
+logger = logging.getLogger(__name__)
+
+
+def expert_labels(h: Tensor, expert_size: int) -> Tensor:
+    """h: [..., E*B] FFN hidden activations -> [..., E] each expert's activation norm relative to
+    the token's largest one (1 for the strongest expert, 0 for an all-zero one)."""
+    norms = h.unflatten(-1, (h.shape[-1] // expert_size, expert_size)).float().norm(dim=-1)
+    return norms / norms.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@dataclass
+class FitReport:
+    """What `fit_routers` did: held-out hard-mode sparsity overall and per FFN, label fit loss."""
+
+    sparsity: float
+    sparsity_per_layer: dict[str, float]
+    fit_loss: dict[str, float]
+    bias_shift: float
+    tokens: int
+
+
+class _Collector:
+    """Forward hooks (dense mode) recording each router's input x and its FFN's hidden labels."""
+
+    def __init__(self, model: nn.Module, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.xs: dict[str, list[Tensor]] = {}
+        self.ys: dict[str, list[Tensor]] = {}
+        self.handles = []
+        for name, r in routers(model).items():
+            spec = r.spec
+            self.handles.append(model.get_submodule(spec.up.module).register_forward_hook(self._x_hook(name)))
+            self.handles.append(model.get_submodule(spec.down.module).register_forward_pre_hook(self._h_hook(name, r)))
+
+    def _x_hook(self, name: str):
+        def hook(module, args, output):
+            self._keep(self.xs, name, args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        return hook
+
+    def _h_hook(self, name: str, r: LTERouter):
+        def hook(module, args):
+            h = args[0].detach()
+            self._keep(self.ys, name, expert_labels(h, r.expert_size).reshape(-1, r.num_experts))
+        return hook
+
+    def _keep(self, store: dict[str, list[Tensor]], name: str, rows: Tensor) -> None:
+        have = sum(t.shape[0] for t in store.get(name, []))
+        if have < self.max_tokens:
+            store.setdefault(name, []).append(rows[: self.max_tokens - have].cpu())
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _fit_one(router: LTERouter, x: Tensor, y: Tensor, steps: int, lr: float, seed: int) -> float:
+    """Full-batch Adam on the soft labels: BCE(sigmoid(W x + b), y). Returns the final loss."""
+    lin = router.linear
+    dev, dt = lin.weight.device, lin.weight.dtype
+    x, y = x.to(dev, dt), y.to(dev, dt)
+    torch.manual_seed(seed)
+    frozen = [p for p in lin.parameters() if not p.requires_grad]  # e.g. after stage 2
+    lin.requires_grad_(True)
+    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    loss = torch.tensor(float("nan"))
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = F.binary_cross_entropy_with_logits(lin(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        lin.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def fit_routers(model: nn.Module, data: Any, *, target_sparsity: float, eval_data: Any = None,
+                batches: int = 8, seq_len: int = 256, batch_size: int = 8, max_tokens: int = 16384,
+                steps: int = 300, lr: float = 1e-2, tolerance: float = 0.02, seed: int = 0) -> FitReport:
+    """Fit a prepared model's routers without changing its weights; leaves it in hard mode.
+
+    data / eval_data: 1-D token tensors (or lists of dict batches). `batches` of `data` give the
+    activations (at most `max_tokens` tokens per FFN); `eval_data` (default: the last 10 % of a
+    token tensor) sets the bias so held-out hard-mode sparsity is `target_sparsity` (± tolerance/2
+    when reachable).
+    """
+    if not is_prepared(model):
+        raise NotPreparedError(f"{type(model).__name__} is not prepared: call lte.prepare(model) before fit_routers")
+    controller = SparsityController(target_sparsity, tolerance)  # validates the target
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError("steps", steps, "an integer >= 1")
+    if isinstance(data, Tensor) and eval_data is None:
+        n_hold = max(seq_len * batch_size, data.numel() // 10)
+        data, eval_data = data[: data.numel() - n_hold], data[data.numel() - n_hold:]
+    if eval_data is None:
+        raise ConfigError("eval_data", None, "held-out data to calibrate the sparsity on")
+    train = eval_list(data, seq_len, batch_size, batches, 0, 1) if isinstance(data, (Tensor, TokenBatches)) \
+        else list(data)[:batches]
+    held = eval_list(eval_data, seq_len, batch_size, batches, 0, 1) \
+        if isinstance(eval_data, (Tensor, TokenBatches)) else list(eval_data)[:batches]
+    rs = routers(model)
+    old_mode = get_mode(model)
+    collector = _Collector(model, max_tokens)
+    device = next(model.parameters()).device
+    try:
+        set_mode(model, "dense")
+        with torch.no_grad():
+            for raw in train:
+                model(**{k: v for k, v in prepare_batch(raw, "auto", device).items() if k != "labels"})
+    finally:
+        collector.remove()
+        set_mode(model, old_mode if old_mode in ("dense", "soft", "hard") else "dense")
+    fit_loss = {name: _fit_one(r, torch.cat(collector.xs[name]), torch.cat(collector.ys[name]), steps, lr, seed)
+                for name, r in rs.items()}
+    tokens = min(sum(t.shape[0] for t in v) for v in collector.xs.values())
+    set_mode(model, "hard")
+
+    def collect():
+        gates, stats, _ = forward_batches(model, held)
+        return list(gates.values()), stats.overall()
+
+    measured = controller.calibrate(rs, collect, config_of(model).tau)
+    _, stats, _ = forward_batches(model, held)
+    logger.info("fit_routers: %d tokens per FFN, held-out sparsity %.4f (target %.3f), bias shift %+.3f",
+                tokens, measured, target_sparsity, controller.shift)
+    return FitReport(stats.overall(), stats.sparsity(), fit_loss, controller.shift, tokens)
