@@ -3,6 +3,7 @@
     lte inspect path/to/model_dir_or_config.json [--sparsity 0.5] [--tokens 1]
     lte inspect my_pkg.models:build_model         (a callable returning a module, or (module, inputs))
     lte train [--model llama --target 0.5 ...]    (LTE stage 1 + 2 on the project's small LM)
+    lte fit --target 0.7                          (training-free: routers fitted on the frozen model)
     lte eval --lte-dir runs/train/lte             (held-out perplexity and sparsity, dense vs LTE)
     lte bench [--quick ...]                       (benchmarks/bench_kernels.py, from a source checkout)
     lte bench decode [--quick ...]                (benchmarks/bench_decode.py: end-to-end decode, lte vs inductor)
@@ -86,6 +87,7 @@ def inspect_model(model: nn.Module, example_inputs: Any = None, *, sparsity: flo
 # a script of the checkout's benchmarks/ folder.
 DELEGATED = {
     "train": ("LTE stage 1 + 2 to a target sparsity (lte train --help)", ".training.cli", "main_train"),
+    "fit": ("training-free: fit routers, calibrate to a target sparsity (lte fit --help)", ".training.cli", "main_fit"),
     "eval": ("held-out perplexity and sparsity, dense vs LTE (lte eval --help)", ".training.cli", "main_eval"),
     "bench": ("sparse vs dense FFN kernel benchmark (lte bench --help); `lte bench decode`: "
               "end-to-end decode, lte vs inductor (lte bench decode --help)", None, "bench_kernels.py"),

@@ -1,6 +1,7 @@
-"""Command lines behind `lte train` and `lte eval` (the `lte` CLI delegates its argv here).
+"""Command lines behind `lte train`, `lte fit` and `lte eval` (the `lte` CLI delegates its argv here).
 
     lte train --model llama --target 0.5 --steps1 150 --steps2 100 --out runs/lte
+    lte fit   --model llama --target 0.7 --out runs/fit        (training-free: routers only, minutes)
     lte eval  --model llama --lte-dir runs/lte/lte
 `--model` is a shipped small LM (`llama`, `gpt2`) or a directory written by `lte_compile.small_lm.model`;
 text is the shipped Shakespeare corpus (train works / held-out works) and its BPE tokenizer.
@@ -109,4 +110,38 @@ def main_eval(argv: list[str] | None = None) -> int:
     lte.load(sparse, args.lte_dir)
     out["lte"] = evaluate(sparse, val_ids, mode="hard", **ev)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+@_user_errors("lte fit")
+def main_fit(argv: list[str] | None = None) -> int:
+    import lte_compile as lte
+
+    from ..small_lm.model import corpus_tokens
+    from .fit import fit_routers
+
+    p = argparse.ArgumentParser(prog="lte fit", description="training-free LTE: fit the routers on the frozen "
+                                "model's activations and calibrate held-out sparsity to a target")
+    p.add_argument("--model", default="llama", help="llama | gpt2 | a directory saved by lte_compile.small_lm.model")
+    p.add_argument("--target", type=float, required=True, help="target FFN sparsity in (0, 1)")
+    p.add_argument("--batches", type=int, default=8, help="batches of activations to fit on")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per router")
+    p.add_argument("--expert-size", type=int, default=32)
+    p.add_argument("--out", default="runs/fit")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    lte_cfg = lte.Config(expert_size=args.expert_size)
+    torch.set_num_threads(args.threads)
+    model, tok = _model(args.model)
+    train_ids, val_ids = corpus_tokens(tok)
+    lte.prepare(model, lte_cfg)
+    report = fit_routers(model, train_ids, eval_data=val_ids, target_sparsity=args.target, batches=args.batches,
+                         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps)
+    ppl = lte.evaluate(model, val_ids, mode="hard", seq_len=args.seq_len, batch_size=args.batch_size)["ppl"]
+    lte.save(model, Path(args.out) / "lte")
+    print(json.dumps({"sparsity": report.sparsity, "sparsity_per_layer": report.sparsity_per_layer,
+                      "eval_ppl": ppl, "fit_loss": report.fit_loss, "bias_shift": report.bias_shift,
+                      "saved": str(Path(args.out) / "lte")}, indent=2))
     return 0

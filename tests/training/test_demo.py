@@ -30,3 +30,12 @@ def test_train_then_eval_command_lines(tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["lte"]["mode"] == "hard" and 0.0 < evaluated["lte"]["sparsity"] < 1.0
     assert evaluated["dense"]["ppl"] < 1000
+
+
+def test_fit_command_line(tmp_path, capsys):
+    """`lte fit`: training-free routers on the shipped LM, saved and reloadable."""
+    out = tmp_path / "fit"
+    assert train_cli.main_fit(["--target", "0.6", "--batches", "1", "--seq-len", "64", "--batch-size", "2",
+                               "--steps", "20", "--out", str(out), "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert abs(report["sparsity"] - 0.6) <= 0.02 and (out / "lte" / "lte_config.json").exists()
