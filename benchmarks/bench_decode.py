@@ -303,7 +303,7 @@ def run(args, argv) -> str:
         torch._dynamo.reset()
     out = lines + ["", f"f = FFN share of the weight bytes a decode step reads ({args.layers} layers); "
                    f"{args.new_tokens} decode steps after a {PROMPT}-token prompt; medians of {args.reps} "
-                   "interleaved repetitions.", "", *table]
+                   f"interleaved repetitions; load average at end {os.getloadavg()[0]:.1f}.", "", *table]
     decisions = autotune.decisions()
     print(f"dispatch: {len(decisions)} bucket(s) decided by measurement in this process "
           f"({autotune.tuner().measured if decisions else 0} timed now, the rest from the cache file)", flush=True)
