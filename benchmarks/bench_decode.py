@@ -181,20 +181,9 @@ def prefill(fn, ids) -> float:
         return time.perf_counter() - start
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def header(args, argv) -> list[str]:
     from lte_compile.kernels import autotune
-    from lte_compile.kernels.cpu import cpu_flags, isa
+    from lte_compile.kernels.cpu import cpu_flags, cpu_name, isa
 
     import transformers
     flags = cpu_flags()

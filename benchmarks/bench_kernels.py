@@ -57,16 +57,8 @@ def _raise_malloc_thresholds() -> None:
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    from lte_compile.kernels.cpu import cpu_name
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def cpu_features() -> str:

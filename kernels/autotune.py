@@ -133,27 +133,20 @@ def _isa() -> str:
     return isa()[0]
 
 
+def _cpu_name() -> str:
+    from .cpu import cpu_name
+    return cpu_name()
+
+
 def cache_path() -> Path:
     """The decisions file of this ISA, torch version and kernel source."""
     return cache_dir() / f"dispatch-{_isa()}-{torch.__version__}-{source_hash()}.json"
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def machine_version() -> dict:
     """What, besides the file name's keys, a cached decision depends on."""
     from .cpu import extension_available
-    return {"format": FORMAT, "cpu": cpu_name(), "cores": os.cpu_count(), "isa": _isa(),
+    return {"format": FORMAT, "cpu": _cpu_name(), "cores": os.cpu_count(), "isa": _isa(),
             "torch": torch.__version__, "source": source_hash(), "extension": extension_available()}
 
 

@@ -44,16 +44,26 @@ _EXT_NAME = "lte_sparse_ffn_cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (`/proc/cpuinfo`), empty elsewhere."""
+def _cpuinfo(key: str) -> str | None:
+    """The first `key : value` line of Linux's /proc/cpuinfo (None elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (`/proc/cpuinfo`), empty elsewhere."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name (benchmark headers, the dispatch cache's machine key)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 _AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"})
