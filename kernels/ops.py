@@ -57,6 +57,10 @@ def sparse_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_
 
 def _nan_rows_like_eager(x: Tensor, y: Tensor) -> Tensor:
     """Rows of y whose x has a NaN/Inf become NaN, as in eager (h * mask, NaN * 0 = NaN)."""
+    if x.device.type == "cpu" and bool(torch.isfinite(x.sum())):
+        # The common case on the hot path: one reduction and no copy of y (reading the flag costs
+        # no device sync on the CPU). A finite x whose sum overflows takes the exact path below.
+        return y
     bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)  # [T, 1]
     return y.masked_fill(bad, float("nan"))
 
