@@ -240,3 +240,16 @@ HANDWRITTEN: dict[str, Callable[[], nn.Module]] = {
     "sequential": sequential_mlp, "functional_glu": FunctionalGLU, "matmul": MatmulFFN,
     "einsum": EinsumFFN, "mlp": lambda: MLP().eval(),
 }
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state_dict, to check later that nothing changed."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """The model's state_dict is bit-identical (keys, dtypes, values) to `snapshot`'s copy."""
+    now = model.state_dict()
+    assert set(now) == set(before), "tensors were added or removed"
+    for k, v in before.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"{k} changed"

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import lte_compile as lte
+from tests import models
 from tests.api.conftest import build, ids, run
 
 from tests.models import HF_SPECS
@@ -22,15 +23,7 @@ def force_gates(model, logit: float) -> None:
             r.linear.bias.fill_(logit)
 
 
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, before):
-    now = model.state_dict()
-    assert set(now) == set(before), "parameters were added or removed"
-    for k, v in before.items():
-        assert torch.equal(now[k], v), f"{k} changed"
+snapshot, assert_same_state = models.snapshot, models.assert_state_unchanged
 
 
 @pytest.mark.parametrize("arch", ARCHS)

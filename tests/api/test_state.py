@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import lte_compile as lte
+from tests import models
 from lte_compile.errors import LTEError, StateFileError, UnsupportedWrapperError
 from lte_compile.plan.state import CONFIG_FILE, MODEL_FILE, STATE_FILE
 from lte_compile.testing import examples
@@ -26,15 +27,11 @@ FILES = (CONFIG_FILE, STATE_FILE, MODEL_FILE)
 
 
 # ----------------------------------------------------------------------------- helpers
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+snapshot = models.snapshot
 
 
 def assert_unchanged(model, before):
-    now = model.state_dict()
-    assert set(now) == set(before), "tensors were added or removed"
-    for k, v in before.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"{k} changed"
+    models.assert_state_unchanged(model, before)
     assert not lte.is_prepared(model)
     assert not hasattr(model, "lte_config")
 
