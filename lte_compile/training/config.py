@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 TASKS = ("auto", "causal_lm", "sequence_classification")
+KD_STAGES = ("stage1", "stage2", "both")
 
 
 @dataclass
@@ -70,6 +71,14 @@ class TrainConfig:
     """Shift the router bias once more after stage 2 if held-out sparsity is off target by more than
     the tolerance. Off by default: the shifted masks are ones stage 2 never adapted the model to
     (a warning says how far off the target is instead)."""
+    kd_weight: float = 0.0
+    """Weight of logit distillation (losses.kd_loss) from a frozen dense teacher (default: a copy of
+    the model taken when `train` starts, in dense mode; `train(..., teacher=)` overrides); 0 = off.
+    Needs a model whose output has `.logits` (not with `loss_fn`)."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of the distillation (> 0)."""
+    kd_stages: str = "both"
+    """Where distillation applies: 'stage1', 'stage2' or 'both'."""
     heldout_fraction: float = 0.05
     """Share of a token tensor held out when no `eval_data` is given."""
     task: str = "auto"
@@ -110,7 +119,7 @@ class TrainConfig:
             "target_sparsity", self.target_sparsity, low=0.0, high=1.0, low_open=True, high_open=True, optional=True,
             allowed="None or a float in (0, 1) (fraction of experts off)", hint="0.5 switches off half of the FFN experts")
         for name in ("eta", "lam", "model_lr", "stage2_lr", "router_lr", "router_weight_decay",
-                     "model_weight_decay", "grad_clip"):
+                     "model_weight_decay", "grad_clip", "kd_weight"):
             setattr(self, name, check_float(name, getattr(self, name), low=0.0, allowed="a finite float >= 0"))
         self.sep_eps = check_float("sep_eps", self.sep_eps, low=0.0, low_open=True, allowed="a float > 0",
                                    hint="L_sep diverges at G = tau without it")
@@ -120,6 +129,9 @@ class TrainConfig:
                                            allowed="a float in (0, 1]")
         self.heldout_fraction = check_float("heldout_fraction", self.heldout_fraction, low=0.0, high=0.5,
                                             low_open=True, high_open=True, allowed="a float in (0, 0.5)")
+        self.kd_temperature = check_float("kd_temperature", self.kd_temperature, low=0.0, low_open=True,
+                                          allowed="a float > 0")
+        check_choice("kd_stages", self.kd_stages, KD_STAGES)
         check_choice("task", self.task, TASKS)
         check_choice("distributed", self.distributed, ("auto", "ddp", "fsdp", "none"),
                      "'auto', 'ddp', 'fsdp' or 'none'")
@@ -134,7 +146,12 @@ class TrainConfig:
         if self.checkpoint_every and self.out_dir is None:
             raise ConfigError("out_dir", None, "a directory when checkpoint_every > 0", "checkpoints need a place")
         if self.target_sparsity is not None and self.stage1_steps == 0:
-            logger.warning("target_sparsity with stage1_steps=0: only the bias calibration steers sparsity")
+            logger.info("stage1_steps=0: stage 2 only; the routers' bias is calibrated to target_sparsity on "
+                        "held-out data, then the routers are frozen")
+
+    def kd_in(self, stage: str) -> bool:
+        """Whether distillation is on in `stage` ('stage1' or 'stage2')."""
+        return self.kd_weight > 0 and self.kd_stages in (stage, "both")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,12 +9,16 @@ Stage 2 (hard): routers frozen, FFNs masked by G > tau, the model fine-tuned on 
 With `target_sparsity`, a `SparsityController` steers the router bias (controller.py says why
 not eta): a warm start before stage 1, a damped correction each stage-1 step, a calibration in
 hard mode at the end of stage 1, and a check on held-out data at the end (recalibrated if off
-by more than the tolerance). Telemetry (telemetry.py), checkpoints (checkpoint.py) and DDP
+by more than the tolerance). With `kd_weight > 0` the objective gains logit distillation from
+a frozen dense teacher (losses.kd_loss), in stage 1 and/or 2. `stage1_steps=0` is stage 2 alone
+under the routers as they are (after the held-out calibration when there is a target): the "+S2"
+adaptation of any selection rule (baselines.py). Telemetry (telemetry.py), checkpoints (checkpoint.py) and DDP
 (launched by torchrun; gloo on CPU) are built in. `data` is a 1-D token tensor, a
 `TokenBatches`, or a list/iterable of dict batches (causal LM or sequence classification).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -32,7 +36,7 @@ from .config import LossFn, TrainConfig, TrainResult
 from .controller import SparsityController
 from .distributed import fsdp_shard, rank_and_world, reduce_mean, reduce_stats, wrap_model
 from .evaluate import forward_batches
-from .losses import GateStats, gate_stats, loss_terms, valid_gates
+from .losses import GateStats, gate_stats, kd_loss, loss_terms, valid_gates
 from .optim import adamw_groups
 from .telemetry import Telemetry
 
@@ -48,7 +52,7 @@ class _Run:
     """State of one `train` call: model, data, controller, telemetry; runs both stages."""
 
     def __init__(self, model: nn.Module, data: Any, cfg: TrainConfig, eval_data: Any, loss_fn: LossFn | None,
-                 callback: Callable[[dict[str, Any]], None] | None):
+                 callback: Callable[[dict[str, Any]], None] | None, teacher: nn.Module | None = None):
         self.model, self.cfg, self.loss_fn, self.callback = model, cfg, loss_fn, callback
         self.rank, self.world = rank_and_world()
         self.device = next(model.parameters()).device
@@ -65,6 +69,7 @@ class _Run:
         self.ckpt_dir = out / "checkpoints" if out else None
         self.telemetry = Telemetry(out, enabled=self.rank == 0, progress=cfg.progress)
         self.fingerprint = run_fingerprint(model, cfg.to_dict())
+        self.teacher = _frozen_teacher(model, teacher) if cfg.kd_weight > 0 else None
         self._step = 0
 
     # -- optimizers
@@ -114,13 +119,17 @@ class _Run:
     def step(self, wrapped: nn.Module, stage: str, opt, sched) -> dict[str, Any]:
         cfg = self.cfg
         batch = prepare_batch(next(self.train_data), cfg.task, self.device)
-        loss = task_loss(wrapped, batch, self.loss_fn)
+        kd_on = cfg.kd_in(stage)
+        loss, kd = self._losses(wrapped, batch) if kd_on else (task_loss(wrapped, batch, self.loss_fn), None)
         mask = batch.get("attention_mask")
         if stage == "stage1":
             terms = loss_terms(self.model, loss, eta=cfg.eta, lam=cfg.lam, eps=cfg.sep_eps, attention_mask=mask)
             total, rec = terms.total, terms.as_floats()
         else:
             total, rec = loss, {"loss": float(loss.detach()), "task": float(loss.detach())}
+        if kd is not None:
+            total = total + cfg.kd_weight * kd
+            rec |= {"loss": float(total.detach()), "kd": float(kd.detach())}
         self._check_finite(stage, {"loss": float(total.detach())}, opt)
         total.backward()
         if cfg.grad_clip:
@@ -138,6 +147,14 @@ class _Run:
                 "active_per_token": stats.active_per_token(), "lr": sched.get_last_lr()[0],
                 "bias_shift": self.controller.shift if self.controller else 0.0,
                 "target": self.controller.target if self.controller else None}
+
+    def _losses(self, wrapped: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(task loss, distillation loss) of one forward: the student's logits against the frozen
+        dense teacher's on the same inputs."""
+        out = wrapped(**batch)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return out.loss, kd_loss(out.logits, teacher_logits, self.cfg.kd_temperature, batch.get("attention_mask"))
 
     def _check_finite(self, stage: str, values: dict[str, float], opt) -> None:
         """Stop at the first non-finite loss (every rank agrees: one bad rank stops them all)."""
@@ -218,7 +235,7 @@ class _Run:
             opt, sched = self._optimizer("stage1")
             if ckpt is not None:
                 self.restore(ckpt, opt, sched)
-            elif self.controller is not None:
+            elif self.controller is not None and self.cfg.stage1_steps > 0:  # no stage 1: nothing to warm up
                 self.calibrate(self._calibration_batches(), "warm start (soft)", ("stage1", 0))
             self.run_stage("stage1", step, opt, sched)
             self._set_stage("stage2")
@@ -263,9 +280,21 @@ def _seed_all(seed: int) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 
+def _frozen_teacher(model: nn.Module, teacher: nn.Module | None) -> nn.Module:
+    """The distillation teacher: `teacher` as given, or a copy of `model` as it is now in dense mode
+    (its weights before training); eval mode, no gradients either way."""
+    if teacher is None:
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        set_mode(teacher, "dense")
+    if any(r.mode != "dense" for r in routers(teacher).values()):
+        raise ConfigError("teacher", "a prepared model in soft/hard mode", "a dense model",
+                          "lte.set_mode(teacher, 'dense'), or pass the model before lte.prepare")
+    return teacher.eval()  # its forward runs under no_grad
+
+
 def train(model: nn.Module, data: Any, config: TrainConfig | None = None, *, eval_data: Any = None,
           loss_fn: LossFn | None = None, callback: Callable[[dict[str, Any]], None] | None = None,
-          **overrides: Any) -> TrainResult:
+          teacher: nn.Module | None = None, **overrides: Any) -> TrainResult:
     """Run LTE stage 1 (soft) then stage 2 (hard) on a prepared model, in place.
 
     data: a 1-D token tensor (windows of `seq_len`; the last `heldout_fraction` held out), a
@@ -274,6 +303,8 @@ def train(model: nn.Module, data: Any, config: TrainConfig | None = None, *, eva
     eval_data: held-out data of the same kinds, for the final sparsity and loss.
     loss_fn: (model, batch) -> task loss, for models without a transformers `.loss`.
     callback: called with every step record (after its checkpoint, if one is due).
+    teacher: the dense model to distil from when `kd_weight > 0` (default: a frozen copy of `model`
+      taken now, in dense mode); it is put in eval mode and runs without gradients.
     overrides: TrainConfig fields, e.g. `train(model, ids, target_sparsity=0.5)`.
     Returns a TrainResult (held-out sparsity per layer, active experts per token, eval loss).
     """
@@ -286,9 +317,12 @@ def train(model: nn.Module, data: Any, config: TrainConfig | None = None, *, eva
         if unknown:
             raise ConfigError("train() keyword", sorted(unknown), "TrainConfig field names")
         cfg = TrainConfig(**{**cfg.to_dict(), **overrides})
+    if cfg.kd_weight > 0 and loss_fn is not None:
+        raise ConfigError("kd_weight", cfg.kd_weight, "0 with a custom loss_fn",
+                          "distillation reads the model's .logits output; drop loss_fn or set kd_weight=0")
     saved = _ModelState(model)
     try:
-        return _Run(model, data, cfg, eval_data, loss_fn, callback).run()
+        return _Run(model, data, cfg, eval_data, loss_fn, callback, teacher).run()
     except BaseException:
         saved.restore()  # a failed run leaves the model's LTE mode, train/eval and router grads as they were
         raise

@@ -83,28 +83,85 @@ class _Collector:
             h.remove()
 
 
-def _fit_one(router: LTERouter, x: Tensor, y: Tensor, steps: int, lr: float, seed: int) -> float:
-    """Full-batch Adam on the soft labels: BCE(sigmoid(W x + b), y). Returns the final loss."""
-    lin = router.linear
-    dev, dt = lin.weight.device, lin.weight.dtype
+def fit_scorer(scorer: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> float:
+    """Full-batch Adam on the soft labels: BCE(sigmoid(scorer(x)), y). Returns the final loss.
+
+    `scorer` is whatever produces a router's logits (`router.linear`: the linear router, or a
+    baseline's predictor, training/baselines.py); its parameters' requires_grad flags are restored."""
+    dev, dt = scorer.weight.device, scorer.weight.dtype
     x, y = x.to(dev, dt), y.to(dev, dt)
-    torch.manual_seed(seed)
-    frozen = [p for p in lin.parameters() if not p.requires_grad]  # e.g. after stage 2
-    lin.requires_grad_(True)
-    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    frozen = [p for p in scorer.parameters() if not p.requires_grad]  # e.g. after stage 2
+    scorer.requires_grad_(True)
+    opt = torch.optim.Adam(scorer.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
     try:
         with torch.enable_grad():
             for _ in range(steps):
-                loss = F.binary_cross_entropy_with_logits(lin(x), y)
+                loss = F.binary_cross_entropy_with_logits(scorer(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
     finally:
         for p in frozen:
             p.requires_grad_(False)
-        lin.zero_grad(set_to_none=True)
+        scorer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def split_fit_data(data: Any, eval_data: Any, *, batches: int, seq_len: int, batch_size: int
+                   ) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    """(batches to fit on, held-out batches to calibrate on); a token tensor without `eval_data`
+    gives its last 10 % (at least one batch) as the held-out part."""
+    if isinstance(data, Tensor) and eval_data is None:
+        n_hold = max(seq_len * batch_size, data.numel() // 10)
+        data, eval_data = data[: data.numel() - n_hold], data[data.numel() - n_hold:]
+    if eval_data is None:
+        raise ConfigError("eval_data", None, "held-out data to calibrate the sparsity on")
+    train = eval_list(data, seq_len, batch_size, batches, 0, 1) if isinstance(data, (Tensor, TokenBatches)) \
+        else list(data)[:batches]
+    held = eval_list(eval_data, seq_len, batch_size, batches, 0, 1) \
+        if isinstance(eval_data, (Tensor, TokenBatches)) else list(eval_data)[:batches]
+    return train, held
+
+
+def collect_labels(model: nn.Module, batches: list[dict[str, Tensor]], max_tokens: int
+                   ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Run the model dense on `batches`: per router, its inputs x [N, d] and the expert labels
+    [N, E] (`expert_labels`), at most `max_tokens` rows each. The model's LTE mode is restored."""
+    old_mode = get_mode(model)
+    collector = _Collector(model, max_tokens)
+    device = next(model.parameters()).device
+    try:
+        set_mode(model, "dense")
+        with torch.no_grad():
+            for raw in batches:
+                model(**{k: v for k, v in prepare_batch(raw, "auto", device).items() if k != "labels"})
+    finally:
+        collector.remove()
+        set_mode(model, old_mode if old_mode in ("dense", "soft", "hard") else "dense")
+    return ({k: torch.cat(v) for k, v in collector.xs.items()}, {k: torch.cat(v) for k, v in collector.ys.items()})
+
+
+def calibrate_heldout(model: nn.Module, held: list[dict[str, Tensor]], controller: SparsityController) -> float:
+    """Hard mode; shift the router biases until held-out sparsity is within tolerance/2 of the
+    controller's target (when reachable). Returns the measured sparsity."""
+    set_mode(model, "hard")
+
+    def collect():
+        gates, stats, _ = forward_batches(model, held)
+        return list(gates.values()), stats.overall()
+
+    return controller.calibrate(routers(model), collect, config_of(model).tau)
+
+
+def check_fit_args(model: nn.Module, target_sparsity: float, tolerance: float, steps: int) -> SparsityController:
+    """Checks shared by the fitting functions (before anything changes); returns the controller."""
+    if not is_prepared(model):
+        raise NotPreparedError(f"{type(model).__name__} is not prepared: call lte.prepare(model) before fitting routers")
+    controller = SparsityController(target_sparsity, tolerance)  # validates the target
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError("steps", steps, "an integer >= 1")
+    return controller
 
 
 def fit_routers(model: nn.Module, data: Any, *, target_sparsity: float, eval_data: Any = None,
@@ -117,42 +174,14 @@ def fit_routers(model: nn.Module, data: Any, *, target_sparsity: float, eval_dat
     token tensor) sets the bias so held-out hard-mode sparsity is `target_sparsity` (± tolerance/2
     when reachable).
     """
-    if not is_prepared(model):
-        raise NotPreparedError(f"{type(model).__name__} is not prepared: call lte.prepare(model) before fit_routers")
-    controller = SparsityController(target_sparsity, tolerance)  # validates the target
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ConfigError("steps", steps, "an integer >= 1")
-    if isinstance(data, Tensor) and eval_data is None:
-        n_hold = max(seq_len * batch_size, data.numel() // 10)
-        data, eval_data = data[: data.numel() - n_hold], data[data.numel() - n_hold:]
-    if eval_data is None:
-        raise ConfigError("eval_data", None, "held-out data to calibrate the sparsity on")
-    train = eval_list(data, seq_len, batch_size, batches, 0, 1) if isinstance(data, (Tensor, TokenBatches)) \
-        else list(data)[:batches]
-    held = eval_list(eval_data, seq_len, batch_size, batches, 0, 1) \
-        if isinstance(eval_data, (Tensor, TokenBatches)) else list(eval_data)[:batches]
+    controller = check_fit_args(model, target_sparsity, tolerance, steps)
+    train, held = split_fit_data(data, eval_data, batches=batches, seq_len=seq_len, batch_size=batch_size)
     rs = routers(model)
-    old_mode = get_mode(model)
-    collector = _Collector(model, max_tokens)
-    device = next(model.parameters()).device
-    try:
-        set_mode(model, "dense")
-        with torch.no_grad():
-            for raw in train:
-                model(**{k: v for k, v in prepare_batch(raw, "auto", device).items() if k != "labels"})
-    finally:
-        collector.remove()
-        set_mode(model, old_mode if old_mode in ("dense", "soft", "hard") else "dense")
-    fit_loss = {name: _fit_one(r, torch.cat(collector.xs[name]), torch.cat(collector.ys[name]), steps, lr, seed)
-                for name, r in rs.items()}
-    tokens = min(sum(t.shape[0] for t in v) for v in collector.xs.values())
-    set_mode(model, "hard")
-
-    def collect():
-        gates, stats, _ = forward_batches(model, held)
-        return list(gates.values()), stats.overall()
-
-    measured = controller.calibrate(rs, collect, config_of(model).tau)
+    xs, ys = collect_labels(model, train, max_tokens)
+    torch.manual_seed(seed)
+    fit_loss = {name: fit_scorer(r.linear, xs[name], ys[name], steps, lr) for name, r in rs.items()}
+    tokens = min(v.shape[0] for v in xs.values())
+    measured = calibrate_heldout(model, held, controller)
     _, stats, _ = forward_batches(model, held)
     logger.info("fit_routers: %d tokens per FFN, held-out sparsity %.4f (target %.3f), bias shift %+.3f",
                 tokens, measured, target_sparsity, controller.shift)

@@ -10,6 +10,9 @@ Stage 1 trains the model and the routers on `task + eta * L_eff + lam * L_sep`:
   1/eps = 100 there and bounds its gradient (largest, about 650, at |G - tau| = sqrt(eps/3));
   at saturated gates (G near 0 or 1, tau 0.5) it is about 1/(0.25 + eps) = 3.85, its minimum.
 
+Optional, both stages: `kd_loss`, logit distillation from a frozen dense teacher
+(`TrainConfig.kd_weight`), added to the objective as `kd_weight * KD`.
+
 Padding tokens get gates too (routers run on every token); `attention_mask` ([b, s], 1 = real token)
 removes them from every mean and count. Plain PyTorch loop::
 
@@ -104,6 +107,26 @@ def loss_terms(model: nn.Module, task_loss: Tensor, *, eta: float, lam: float = 
     sep = separability_loss(gates, tau, eps, attention_mask)
     total = task_loss + eta * eff + lam * sep
     return LossTerms(total=total, task=task_loss.detach(), eff=eff.detach(), sep=sep.detach(), eta=eta, lam=lam)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+            attention_mask: Tensor | None = None) -> Tensor:
+    """Logit distillation: T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over
+    positions (valid tokens when `attention_mask` [b, s] is given; rows of [b, C] classification
+    logits otherwise). T^2 keeps the gradient's scale independent of T (Hinton et al.). Zero when
+    the student's logits equal the teacher's; the teacher gets no gradient."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: distil from a model with the same outputs")
+    log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    per_position = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)  # [...]
+    mask = None
+    if attention_mask is not None and attention_mask.numel() == per_position.numel():
+        mask = attention_mask.reshape(per_position.shape).to(per_position.device, torch.bool)
+    mean = per_position.mean() if mask is None else \
+        (per_position * mask).sum() / mask.sum().clamp_min(1)
+    return temperature ** 2 * mean
 
 
 @dataclass
