@@ -2,8 +2,10 @@
 
 plan stage of trace -> match -> plan -> rewrite -> lower. Everything prepare creates lives on the
 model as ordinary parameters/buffers (routers exist before compile: Dynamo cannot add parameters
-inside a backend). Validation of every FFN happens before the first change, so a failing prepare
-leaves the model as it was.
+inside a backend). FFNs with projection modules get forward hooks (router.py); FFNs computed with
+F.linear/@/matmul/einsum on parameters get their module's forward rewritten (functional.py).
+Validation of every FFN happens before the first change, so a failing prepare leaves the model as
+it was.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from ..config import MODES, Config
 from ..errors import ConfigError, NotPreparedError, UnsupportedFFNError
 from ..passes.ffn import FFNMatch, FFNReport
+from . import functional
 from .cluster import balanced_kmeans, expert_permutation
 from .layout import kernel_layout_, permute_ffn_
 from .router import GateHook, LTERouter, RouteHook
@@ -46,8 +49,9 @@ def prepare(model: nn.Module, config: Config | None = None, *, example_inputs: A
     if is_prepared(model):
         raise UnsupportedFFNError(f"{type(model).__name__} is already prepared by lte.prepare; "
                                   "prepare a fresh model, or use lte.load to restore saved LTE state")
-    report = _find(model, example_inputs)
-    specs = plan_ffns(model, report, config, filter_fn)
+    args, kwargs = example_args(model, example_inputs)
+    report = _find(model, args, kwargs)
+    specs = _check_functional(model, plan_ffns(model, report, config, filter_fn), config, args, kwargs)
     # From here on the model changes; every check has passed. The bar shows on terminals only.
     for spec in tqdm(specs, desc="lte.prepare: clustering experts", unit="ffn", disable=None, leave=False):
         perm = _cluster(model, spec, config)
@@ -102,10 +106,9 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- planning
-def _find(model: nn.Module, example_inputs: Any) -> FFNReport:
+def _find(model: nn.Module, args: tuple, kwargs: dict) -> FFNReport:
     from ..passes import find_ffns_in_model
 
-    args, kwargs = example_args(model, example_inputs)
     was_training = model.training
     model.eval()
     try:
@@ -144,12 +147,19 @@ def plan_ffns(model: nn.Module, report: FFNReport, config: Config,
         misses = "; ".join(str(m) for m in report.near_misses) or "none"
         raise UnsupportedFFNError(f"{type(model).__name__}: no FFN found (near misses: {misses}); "
                                   "lte.prepare needs at least one up-act-down projection chain")
-    specs = []
+    specs, homes = [], {}
     for match in report.matches:
         if filter_fn is not None and not filter_fn(_owner(model, match.module), match.module):
             continue
         try:
-            specs.append(spec_from_match(model, match, config))
+            spec = spec_from_match(model, match, config)
+            home = router_home(model, spec)
+            if id(home) in homes:
+                raise UnsupportedFFNError(
+                    f"{spec.name or '<root>'}: its router would live in the same module as "
+                    f"{homes[id(home)] or '<root>'}'s (one {ROUTER_ATTR} per module); give each FFN a module of its own")
+            homes[id(home)] = spec.name
+            specs.append(spec)
         except UnsupportedFFNError as e:
             if config.on_unsupported == "error":
                 raise
@@ -161,7 +171,10 @@ def plan_ffns(model: nn.Module, report: FFNReport, config: Config,
 
 
 def spec_from_match(model: nn.Module, m: FFNMatch, config: Config) -> FFNSpec:
-    """FFNSpec of a match, or UnsupportedFFNError saying why LTE cannot run it eagerly."""
+    """FFNSpec of a match, or UnsupportedFFNError saying why LTE cannot run it eagerly.
+
+    Projections that are modules get the two hooks; an FFN computed on parameters (F.linear, @,
+    matmul, einsum) needs the forward computing it to be traceable (plan/functional.py)."""
     where = m.module or "<root>"
     if m.d_ff % config.expert_size:
         raise UnsupportedFFNError(
@@ -173,14 +186,39 @@ def spec_from_match(model: nn.Module, m: FFNMatch, config: Config) -> FFNSpec:
     spec = FFNSpec(name=m.module, up=m.up.projection(), down=m.down.projection(down=True),
                    gate=m.gate.projection() if m.gate is not None else None, activation=m.activation,
                    glu=m.glu, d_model=m.d_model, d_ff=m.d_ff, d_out=m.d_out, form=m.form)
-    for role, proj in spec.projections().items():
-        owner = model.get_submodule(proj.module)
-        if not _is_projection(owner):
-            raise UnsupportedFFNError(
-                f"{where}: the {role} weight belongs to {proj.module or '<root>'} "
-                f"({type(owner).__name__}), not to a projection module (nn.Linear/Conv1D); "
-                "LTE's eager forward hooks need projection modules; on_unsupported='skip' keeps it dense")
+    if not hookable(model, spec):
+        functional.locate(model, spec)  # raises, naming why, if its forward cannot be rewritten
     return spec
+
+
+def hookable(model: nn.Module, spec: FFNSpec) -> bool:
+    """True if every projection of the FFN is a projection module (the hooks' case); else the FFN
+    is functional and its module's forward is rewritten (plan/functional.py)."""
+    return all(_is_projection(model.get_submodule(p.module)) for p in spec.projections().values())
+
+
+def _check_functional(model: nn.Module, specs: list[FFNSpec], config: Config, args: tuple,
+                      kwargs: dict) -> list[FFNSpec]:
+    """Drop (or refuse, on_unsupported='error') functional FFNs whose module's traced forward does
+    not reproduce the real one on the example input. Runs the model once; changes nothing."""
+    places = {s.name: functional.locate(model, s) for s in specs if not hookable(model, s)}
+    if not places:
+        return specs
+    problems = functional.check_traced(model, sorted(set(places.values())), args, kwargs)
+    kept = []
+    for spec in specs:
+        why = problems.get(places.get(spec.name))
+        if why is None:
+            kept.append(spec)
+            continue
+        error = UnsupportedFFNError(f"{spec.name or '<root>'}: LTE rewrites the forward of "
+                                    f"{places[spec.name] or '<root>'} to make this FFN sparse, but {why}")
+        if config.on_unsupported == "error":
+            raise error
+        logger.warning("%s; left dense", error)
+    if not kept:
+        raise UnsupportedFFNError(f"{type(model).__name__}: no FFN can be prepared (see the warnings above)")
+    return kept
 
 
 def _is_projection(module: nn.Module) -> bool:
@@ -214,13 +252,18 @@ def apply_kernel_layout(model: nn.Module) -> nn.Module:
 
 
 def attach_router(model: nn.Module, spec: FFNSpec, config: Config, *, permutation: Tensor | None = None) -> LTERouter:
-    """Create the FFN's router under its owner module and register the two forward hooks."""
+    """Create the FFN's router under its owner module and register the two forward hooks (module
+    projections), or rewrite the forward that computes the FFN (functional FFNs)."""
+    place = None if hookable(model, spec) else functional.locate(model, spec)  # raises before any change
     ref = model.get_parameter(spec.up.weight)
     router = LTERouter(spec, config.expert_size, config.tau, device=ref.device, dtype=ref.dtype)
     _init_router(router, config)
     if permutation is not None:
         router.permutation.copy_(permutation)
     router_home(model, spec).add_module(ROUTER_ATTR, router)
+    if place is not None:
+        functional.rewrite(model, place, [router])
+        return router
     model.get_submodule(spec.up.module).register_forward_hook(RouteHook(router))
     model.get_submodule(spec.down.module).register_forward_pre_hook(GateHook(router))
     return router

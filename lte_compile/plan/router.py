@@ -7,6 +7,9 @@ state_dict, `.to()`, DDP/FSDP and checkpoints just work) and registers:
 The hooks keep the user's modules and their code unchanged, work for FFNs split across modules
 (BERT) or with no FFN module at all (OPT), and leave an `lte.apply_gates` marker in every traced
 graph that the backend's rewrite turns into one `lte::sparse_ffn` op.
+An FFN computed on parameters (F.linear, @, einsum: no projection modules to hook) gets the same two
+steps as calls, `route_ffn_input` and `gate_ffn_hidden`, inside its module's rewritten forward
+(plan/functional.py).
 """
 from __future__ import annotations
 
@@ -117,3 +120,26 @@ class GateHook:
             return None
         h = torch.ops.lte.apply_gates(args[0], r.last_gates, r.expert_size, r.mode, _threshold(r))
         return (h, *args[1:])
+
+
+# ----------------------------------------------------------------------------- functional FFNs
+# What the hooks do, as functions: the forward lte.prepare generates for a module that computes its
+# FFN with F.linear/@/einsum on parameters (plan/functional.py) calls them at the same two points.
+def route_ffn_input(router: LTERouter, x: Tensor) -> Tensor | None:
+    """G = router(x) stored as `last_gates` (for lte.gates and the losses); None in dense mode."""
+    if router.mode == "dense":
+        return None
+    router.last_gates = router(x)
+    return router.last_gates
+
+
+def gate_ffn_hidden(router: LTERouter, h: Tensor, gates: Tensor | None) -> Tensor:
+    """h scaled per expert by `lte::apply_gates` (the backend's marker); h itself in dense mode.
+
+    Gates follow x's leading dims; an FFN that flattened its tokens (`x.view(-1, d) @ w.t()`) has h
+    with the same tokens in another shape, so the gates take h's leading dims."""
+    if router.mode == "dense" or gates is None:
+        return h
+    if gates.shape[:-1] != h.shape[:-1]:
+        gates = gates.reshape(*h.shape[:-1], gates.shape[-1])
+    return torch.ops.lte.apply_gates(h, gates, router.expert_size, router.mode, _threshold(router))

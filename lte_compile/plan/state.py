@@ -37,9 +37,10 @@ from safetensors.torch import save_file, save_model
 from torch import Tensor, nn
 
 from ..config import Config
-from ..errors import NotPreparedError, StateMismatchError, UnsupportedWrapperError
+from ..errors import NotPreparedError, StateMismatchError, UnsupportedFFNError, UnsupportedWrapperError
+from . import functional
 from .layout import kernel_layout_, permute_ffn_
-from .prepare import ROUTER_ATTR, attach_router, get_mode, is_prepared, router_home, routers, set_mode
+from .prepare import ROUTER_ATTR, attach_router, get_mode, hookable, is_prepared, router_home, routers, set_mode
 from .spec import FFNSpec
 from .state_files import (CONFIG_FILE, FINGERPRINT_ROWS, FINGERPRINT_RTOL, FORMAT, MODEL_FILE, PERMUTATION_DTYPES, ROUTER_DTYPES, STATE_FILE, _read_meta, _read_state, _read_model_file)
 
@@ -333,6 +334,11 @@ def _check_specs(model: nn.Module, params: dict[str, Tensor], specs: list[FFNSpe
         homes[id(home)] = s.name
         if hasattr(home, ROUTER_ATTR):
             problems.append(f"{s.name}: the module already has an attribute {ROUTER_ATTR!r}")
+        if not hookable(model, s):  # a functional FFN: its module's forward must trace as at prepare
+            try:
+                functional.locate(model, s)
+            except UnsupportedFFNError as e:
+                problems.append(str(e))
     return problems
 
 
