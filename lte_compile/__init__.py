@@ -5,6 +5,7 @@
     lte.set_mode(model, "hard")                  # 'dense' | 'soft' (stage 1) | 'hard' (stage 2)
     lte.save(model, "out/"); lte.load(fresh_model, "out/")
     lte.train(model, token_ids, lte.TrainConfig(target_sparsity=0.5))   # stage 1 + stage 2
+    ep = lte.export(model, example_inputs=(ids,))  # torch.export; lte.package: AOTInductor .pt2
     fast = torch.compile(model, backend="lte")   # router + gathered sparse FFN kernels
 
 The pipeline's stages are sub-packages: `passes` (trace, match, rewrite, cost), `plan` (prepare,
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {"train": "training", "evaluate": "training", "fit_routers": "training", "TrainConfig": "training", "TrainResult": "training",
-         "LTETrainer": "training.trainer", "LTETrainerCallback": "training.trainer"}
+         "LTETrainer": "training.trainer", "LTETrainerCallback": "training.trainer",
+         "export": "deploy", "package": "deploy"}
 
 __all__ = ["Config", "prepare", "set_mode", "get_mode", "routers", "gates", "is_prepared", "save", "load",
            "apply_kernel_layout", "LTEError", "ConfigError", "UnsupportedFFNError", "StateMismatchError",

@@ -1,0 +1,166 @@
+"""A deployable artifact: `torch.export` and AOTInductor packages of a prepared model in hard mode.
+
+`lte.export` and `lte.package` (this module is not named export.py: a submodule `lte_compile.export`
+would replace the function `lte.export` on the package once imported).
+
+    ep = lte.export(model, example_inputs=(ids,))       # ExportedProgram; FFNs are lte::sparse_ffn
+    torch.export.save(ep, "model.pt2")                 # load: import lte_compile; torch.export.load
+    lte.package(model, "model_aoti.pt2", example_inputs=(ids,))   # AOTInductor .pt2 (runs g++)
+    runner = torch._inductor.aoti_load_package("model_aoti.pt2")  # after `import lte_compile`
+
+How: `torch.export.export` traces the eager forward (every FFN computed densely, then masked by
+the `lte::apply_gates` marker); the backend's rewrite (`passes.rewrite.rewrite_ffns`) then
+replaces each marked region of `ep.graph_module` by a call of the Python function
+`lte_ffn_region`, and `ep.run_decompositions({})` retraces the graph so that function becomes
+ATen views around one `torch.ops.lte.sparse_ffn.default` node per FFN. The empty decomposition
+table keeps every other op as export left it (`aten.linear` stays; pass the result through
+`run_decompositions()` yourself for core ATen): the retrace is only there because an
+`ExportedProgram`'s graph must hold operators, not Python callables (`torch.export.save` and
+AOTInductor serialize it).
+
+Loading either artifact needs the `lte::` ops registered, i.e. `import lte_compile` in the loading
+process: they are Python `torch.library.custom_op`s. AOTInductor calls them through its proxy
+executor, which goes through the dispatcher into the Python op and so into the C++ CPU kernel
+(`kernels/cpu.py`). Without the import, `torch.export.load` fails on the unknown operator and
+`aoti_load_package` raises "Could not find schema for lte::sparse_ffn".
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, NotPreparedError, UnsupportedFFNError
+from .passes import find_ffns
+from .passes.fx_utils import op_name
+from .passes.rewrite import rewrite_ffns
+from .plan import get_mode, is_prepared, routers
+from .plan.prepare import example_args
+
+logger = logging.getLogger(__name__)
+
+_SPARSE_FFN = "lte::sparse_ffn"
+_APPLY_GATES = "lte::apply_gates"
+
+
+def export(model: nn.Module, example_inputs: Any = None, *, dynamic_shapes: Any = None,
+           strict: bool = False) -> torch.export.ExportedProgram:
+    """`torch.export` a prepared model in hard mode; every prepared FFN becomes one `lte::sparse_ffn`.
+
+    example_inputs: a tuple of positional args, a dict of keyword args or one tensor (as for
+        `lte.prepare`); None for a transformers model gives an 8-token batch with `use_cache=False`
+        (a KV cache object is not an exportable output).
+    dynamic_shapes: passed to `torch.export.export` (e.g. `{"input_ids": {1: Dim("seq")}}`).
+    The model is traced in eval mode (restored afterwards) and is not otherwise changed. Raises
+    `NotPreparedError` (not prepared), `ConfigError` (not in hard mode) or `UnsupportedFFNError`
+    (an FFN that would stay dense in the exported program).
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export what it wraps
+    _check_exportable(model)
+    args, kwargs = _export_args(model, example_inputs)
+    with _eval_mode(model), _router_state_kept(model), torch.no_grad(), warnings.catch_warnings():
+        # The routers keep their latest gates as a plain attribute (for `lte.gates`); export warns
+        # that it saw the assignment, which is harmless here (restored by _router_state_kept).
+        warnings.filterwarnings("ignore", message=r".*lte_router\.last_gates.*assigned during export")
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    return sparsify_exported(ep, expected=len(routers(model)))
+
+
+def sparsify_exported(ep: torch.export.ExportedProgram, expected: int | None = None
+                      ) -> torch.export.ExportedProgram:
+    """The rewrite as an export pass: a new program whose prepared FFNs are `lte::sparse_ffn` calls.
+
+    `ep` must come from `torch.export.export` of a prepared model in hard mode; its graph module is
+    edited in place (export a fresh program for each call). `expected`: the number of FFNs that
+    must become sparse (`lte.export` passes the model's router count); fewer raises
+    `UnsupportedFFNError` naming the ones left dense.
+    """
+    report = find_ffns(ep)
+    result = rewrite_ffns(ep.graph_module, report)
+    left = count_ops(ep.graph_module.graph, _APPLY_GATES)
+    expected = len(result.rewritten) + left if expected is None else expected
+    if left or len(result.rewritten) != expected:
+        raise UnsupportedFFNError(
+            f"lte.export: {len(result.rewritten)} of {expected} prepared FFN(s) became lte::sparse_ffn "
+            f"({left} lte.apply_gates marker(s) left; skipped: {result.skipped or 'none'}; near misses: "
+            f"{[str(n) for n in report.near_misses] or 'none'}); the exported program would run those "
+            "FFNs dense. Export in eval mode, without dropout active inside the FFNs.")
+    sparse = ep.run_decompositions({})  # turns the Python region function into ATen + lte ops
+    calls = count_ops(sparse.graph_module.graph, _SPARSE_FFN)
+    if calls != expected:  # the retrace must keep the opaque custom op; guard against a change
+        raise UnsupportedFFNError(f"lte.export: expected {expected} lte::sparse_ffn call(s) after "
+                                  f"run_decompositions, found {calls}")
+    logger.info("lte.export: %d FFN(s) exported as lte::sparse_ffn", calls)
+    return sparse
+
+
+def package(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
+            dynamic_shapes: Any = None, inductor_configs: dict[str, Any] | None = None) -> str:
+    """`lte.export` the model, then compile it with AOTInductor into the `.pt2` package `path`.
+
+    Load it with `torch._inductor.aoti_load_package(path)` in a process that imported lte_compile
+    (the `lte::` ops are Python custom ops, which AOTInductor calls through its proxy executor).
+    Compiling runs g++ (about a minute for a small model). Returns the package path.
+    """
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ConfigError("path", str(path), "a file name ending in .pt2 (AOTInductor's package format)")
+    if not path.parent.is_dir():
+        raise ConfigError("path", str(path), "a file in an existing directory",
+                          f"create {str(path.parent)!r} first")
+    ep = export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    from torch._inductor import aoti_compile_and_package
+
+    return aoti_compile_and_package(ep, package_path=str(path), inductor_configs=inductor_configs)
+
+
+def count_ops(graph: torch.fx.Graph, name: str) -> int:
+    """How many nodes of `graph` call the op `name` (e.g. 'lte::sparse_ffn', any overload)."""
+    return sum(1 for n in graph.nodes if n.op == "call_function" and op_name(n) == name)
+
+
+def _check_exportable(model: nn.Module) -> None:
+    if not is_prepared(model):
+        raise NotPreparedError(f"{type(model).__name__} has no LTE routers: call lte.prepare(model, lte.Config()) "
+                               "and lte.set_mode(model, 'hard') (after training or lte.fit_routers) before lte.export")
+    mode = get_mode(model)
+    if mode != "hard":
+        raise ConfigError("mode", mode, "'hard' for lte.export",
+                          "the exported FFNs run only the experts whose gate is above tau; call "
+                          "lte.set_mode(model, 'hard') first (soft and dense modes compute every expert)")
+
+
+def _export_args(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    args, kwargs = example_args(model, example_inputs)
+    if example_inputs is None and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False  # the dummy batch of a transformers LM: no cache object out
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _router_state_kept(model: nn.Module) -> Iterator[None]:
+    """Keep each router's `last_gates` as it was: tracing assigns fake tensors to it."""
+    saved = {name: r.last_gates for name, r in routers(model).items()}
+    try:
+        yield
+    finally:
+        for name, r in routers(model).items():
+            r.last_gates = saved[name]

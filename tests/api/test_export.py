@@ -1,0 +1,208 @@
+"""lte.export / lte.package: a prepared model in hard mode as a torch.export program and an
+AOTInductor package, each loaded in a fresh process (lte_compile/deploy.py).
+
+The model is the tiniest that exercises the path: two ReLU MLPs with biases (d 16, d_ff 64, 2
+experts of 32 each) in sequence, so the second FFN reads the first one's rewritten output.
+The AOTInductor test runs g++ (about a minute on 2 cores): it is marked slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lte_compile as lte
+from lte_compile.deploy import count_ops
+from tests import models
+
+FFNS = 2
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _prepared_stack(mode: str = "hard") -> nn.Sequential:
+    torch.manual_seed(0)
+    stack = nn.Sequential(models.MLP(), models.MLP()).eval()
+    lte.prepare(stack, lte.Config(expert_size=32), example_inputs=(models.tokens(),))
+    return lte.set_mode(stack, mode)
+
+
+@pytest.fixture(scope="module")
+def stack() -> nn.Sequential:
+    return _prepared_stack()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict[str, torch.Tensor]:
+    # x: the export example (T = 10); other: another batch and length (dynamic dims); decode: T = 1
+    return {"x": models.tokens(), "other": models.tokens(batch=3, seq=7, seed=1),
+            "decode": models.tokens(batch=1, seq=1, seed=2)}
+
+
+def _eager(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {k: model(v) for k, v in inputs.items()}
+
+
+def _run_fresh_process(script: str, tmp_path: Path, inputs: dict[str, torch.Tensor]) -> dict:
+    """Run `script` in a new interpreter with `inputs` in tmp/inputs.safetensors; it writes its
+    outputs to tmp/outputs.safetensors and a JSON dict to stdout's last line."""
+    save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / "inputs.safetensors")
+    # LTE_AUTOTUNE=0: dispatch's constant rule (the C++ kernel below 32 tokens), no timing, no cache file
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LTE_AUTOTUNE": "0"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the fresh process failed:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _dynamic_batch_and_seq():
+    from torch.export import Dim
+    return ({0: Dim("batch", max=64), 1: Dim("seq", max=512)},)
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+_LOAD_EXPORTED = """
+    import json, torch
+    from safetensors.torch import load_file, save_file
+    import lte_compile  # registers the lte:: ops the program calls
+    program = torch.export.load("model.pt2")
+    calls = sum(1 for n in program.graph.nodes if n.target is torch.ops.lte.sparse_ffn.default)
+    with torch.no_grad():
+        out = {k: program.module()(v) for k, v in load_file("inputs.safetensors").items()}
+    save_file(out, "outputs.safetensors")
+    print(json.dumps({"sparse_ffn_calls": calls}))
+"""
+
+
+def test_export_save_load_in_a_fresh_process(stack, inputs, tmp_path):
+    """Every FFN is one lte::sparse_ffn call (no masked dense FFN left); the saved program loads
+    in a new process and gives the same outputs, at the exported and at other batch/length."""
+    before = models.snapshot(stack)
+    ep = lte.export(stack, (inputs["x"],), dynamic_shapes=_dynamic_batch_and_seq())
+    models.assert_state_unchanged(stack, before)
+    assert count_ops(ep.graph, "lte::sparse_ffn") == FFNS
+    assert count_ops(ep.graph, "lte::apply_gates") == 0
+    with torch.no_grad():
+        in_process = {k: ep.module()(v) for k, v in inputs.items()}
+    for name, y in _eager(stack, inputs).items():
+        # the gathered kernel sums in another order than the masked dense eager forward
+        torch.testing.assert_close(in_process[name], y, rtol=1e-5, atol=1e-6, msg=f"{name}: export vs eager")
+    torch.export.save(ep, tmp_path / "model.pt2")
+    report = _run_fresh_process(_LOAD_EXPORTED, tmp_path, inputs)
+    assert report["sparse_ffn_calls"] == FFNS
+    loaded = load_file(tmp_path / "outputs.safetensors")
+    for name, y in in_process.items():
+        assert torch.equal(loaded[name], y), f"{name}: the loaded program differs from the exported one"
+
+
+def test_export_of_a_transformers_llama_with_dummy_inputs():
+    """No example inputs: the dummy batch gets use_cache=False (a cache is not exportable)."""
+    model = models.hf_model("llama")
+    lte.prepare(model, lte.Config(expert_size=32))
+    lte.set_mode(model, "hard")
+    ep = lte.export(model)
+    assert count_ops(ep.graph, "lte::sparse_ffn") == models.LAYERS
+    ids = models.hf_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(**ids).logits, model(**ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["soft", "dense"])
+def test_export_refuses_other_modes(mode, inputs):
+    model = _prepared_stack(mode)
+    before = models.snapshot(model)
+    with pytest.raises(lte.ConfigError, match=r"set_mode\(model, 'hard'\)"):
+        lte.export(model, (inputs["x"],))
+    models.assert_state_unchanged(model, before)
+    assert lte.get_mode(model) == mode
+
+
+def test_export_refuses_an_unprepared_model(inputs):
+    with pytest.raises(lte.NotPreparedError, match=r"lte\.prepare"):
+        lte.export(models.MLP().eval(), (inputs["x"],))
+
+
+def test_package_checks_the_path_before_compiling(stack, inputs, tmp_path):
+    with pytest.raises(lte.ConfigError, match=r"\.pt2"):
+        lte.package(stack, tmp_path / "model.zip", (inputs["x"],))
+    with pytest.raises(lte.ConfigError, match="existing directory"):
+        lte.package(stack, tmp_path / "missing" / "model.pt2", (inputs["x"],))
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------- AOTInductor
+
+
+_LOAD_PACKAGE = """
+    import json, torch
+    from safetensors.torch import load_file, save_file
+    import lte_compile
+    from lte_compile.kernels import cpu, dispatch
+
+    calls = {}
+    def counted(name):
+        kernel = dispatch.get_kernel(name)
+        def run(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return kernel(*args, **kwargs)
+        return run
+    for name in dispatch.kernel_names():
+        if name != "triton":  # GPU only; importing it here would only cost time
+            dispatch.register_kernel(name, counted(name))
+
+    runner = torch._inductor.aoti_load_package("model.pt2")
+    out, calls_by_input = {}, {}
+    with torch.no_grad():
+        for name, x in load_file("inputs.safetensors").items():
+            calls.clear()
+            out[name] = runner(x)
+            calls_by_input[name] = dict(calls)
+    save_file(out, "outputs.safetensors")
+    print(json.dumps({"calls": calls_by_input, "cpp_kernel": cpu.extension_available()}))
+"""
+
+_LOAD_PACKAGE_WITHOUT_IMPORT = """
+    import json, torch
+    try:
+        torch._inductor.aoti_load_package("model.pt2")
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    print(json.dumps({"error": error}))
+"""
+
+
+def _package_extern_ops(path: Path) -> list[str]:
+    """The ops the package calls outside its generated code (AOTInductor's proxy executor reads
+    them from the `*.wrapper.json` beside the compiled model)."""
+    with zipfile.ZipFile(path) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".wrapper.json")]
+        return [node["node"]["target"] for node in json.loads(z.read(name))["nodes"]]
+
+
+@pytest.mark.slow
+def test_aoti_package_runs_the_sparse_kernel_in_a_fresh_process(stack, inputs, tmp_path):
+    """The .pt2 calls lte::sparse_ffn once per FFN; loaded in a new process that imported
+    lte_compile, each call reaches the C++ gathered kernel, and the outputs match eager hard mode.
+    Without the import the package does not load (the op is registered from Python)."""
+    path = lte.package(stack, tmp_path / "model.pt2", (inputs["x"],), dynamic_shapes=_dynamic_batch_and_seq())
+    assert _package_extern_ops(Path(path)) == ["lte::sparse_ffn"] * FFNS
+    report = _run_fresh_process(_LOAD_PACKAGE, tmp_path, inputs)
+    assert report["cpp_kernel"], "the C++ extension did not build in the fresh process"
+    assert report["calls"] == {name: {"cpu": FFNS} for name in inputs}, report["calls"]
+    loaded = load_file(tmp_path / "outputs.safetensors")
+    for name, y in _eager(stack, inputs).items():
+        torch.testing.assert_close(loaded[name], y, rtol=1e-5, atol=1e-6, msg=f"{name}: AOTI vs eager")
+    report = _run_fresh_process(_LOAD_PACKAGE_WITHOUT_IMPORT, tmp_path, inputs)
+    assert "lte::sparse_ffn" in (report["error"] or ""), report
