@@ -291,3 +291,40 @@ def test_training_flag_is_read_at_call_time():
         trained = owner(x)
     torch.testing.assert_close(trained, 2 * evaluated, rtol=0, atol=0)
     assert torch.equal(trained, TrainBranchFFN.forward(owner, x))
+
+
+class ParamHolder(nn.Module):
+    """Parameters only: the FFN using them is computed by the parent's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in, self.w_out = nn.Parameter(torch.randn(D_FF, D) / D ** 0.5), nn.Parameter(torch.randn(D, D_FF) / D_FF ** 0.5)
+
+
+class TwoFFNsInOneForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = ParamHolder(), ParamHolder()
+
+    def forward(self, x):
+        x = x + F.linear(F.gelu(F.linear(x, self.a.w_in)), self.a.w_out)
+        return x + torch.relu(x @ self.b.w_in.t()) @ self.b.w_out.t()
+
+
+def test_ffns_computed_in_an_ancestor_forward(tmp_path):
+    """Routers live at each FFN's owner (a, b); the forward rewritten is the root's, which computes both."""
+    x = tokens(D)
+    model = lte.prepare(TwoFFNsInOneForward().eval(), lte.Config(expert_size=EXPERT), example_inputs=(x,))
+    assert set(lte.routers(model)) == {"a", "b"} and functional.is_rewritten(model)
+    assert not functional.is_rewritten(model.a) and type(model).__name__ == "TwoFFNsInOneForward"
+    assert torch.equal(run(model, x, "dense"), TwoFFNsInOneForward.forward(model, x))
+    set_routers(model, bias=30.0)
+    torch.testing.assert_close(run(model, x, "hard"), run(model, x, "dense"), atol=1e-5, rtol=1e-5)
+    set_routers(model, bias=0.0, seed=1)
+    y = run(model, x, "hard")
+    assert set(lte.gates(model)) == {"a", "b"}
+    lte.save(model, tmp_path)
+    fresh = lte.load(TwoFFNsInOneForward().eval(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
