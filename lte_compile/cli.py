@@ -3,6 +3,9 @@
     lte inspect path/to/model_dir_or_config.json [--sparsity 0.5] [--tokens 1]
     lte inspect my_pkg.models:build_model         (a callable returning a module, or (module, inputs))
     lte train [--model llama --target 0.5 ...]    (LTE stage 1 + 2 on the project's small LM)
+    lte train --model CKPT_DIR --data text.jsonl --target 0.5 --out runs/mine
+                                                  (your transformers checkpoint and its tokenizer, your
+                                                   .txt / .jsonl / .safetensors data; also under torchrun)
     lte fit --target 0.7                          (training-free: routers fitted on the frozen model)
     lte eval --lte-dir runs/train/lte             (held-out perplexity and sparsity, dense vs LTE)
     lte bench [--quick ...]                       (benchmarks/bench_kernels.py, from a source checkout)
@@ -86,7 +89,8 @@ def inspect_model(model: nn.Module, example_inputs: Any = None, *, sparsity: flo
 # Subcommands that own their argument parsers: name -> (help, module, function); module None runs
 # a script of the checkout's benchmarks/ folder.
 DELEGATED = {
-    "train": ("LTE stage 1 + 2 to a target sparsity (lte train --help)", ".training.cli", "main_train"),
+    "train": ("LTE stage 1 + 2 to a target sparsity, on a shipped LM or your checkpoint and data; runs "
+              "under torchrun (lte train --help)", ".training.cli", "main_train"),
     "fit": ("training-free: fit routers, calibrate to a target sparsity (lte fit --help)", ".training.cli", "main_fit"),
     "eval": ("held-out perplexity and sparsity, dense vs LTE (lte eval --help)", ".training.cli", "main_eval"),
     "bench": ("sparse vs dense FFN kernel benchmark (lte bench --help); `lte bench decode`: "
