@@ -71,28 +71,26 @@ def export(model: nn.Module, example_inputs: Any = None, *, dynamic_shapes: Any 
         # that it saw the assignment, which is harmless here (restored by _router_state_kept).
         warnings.filterwarnings("ignore", message=r".*lte_router\.last_gates.*assigned during export")
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    return sparsify_exported(ep, expected=len(routers(model)))
+    return _sparsify(ep, expected=len(routers(model)))
 
 
-def sparsify_exported(ep: torch.export.ExportedProgram, expected: int | None = None
-                      ) -> torch.export.ExportedProgram:
+def _sparsify(ep: torch.export.ExportedProgram, expected: int) -> torch.export.ExportedProgram:
     """The rewrite as an export pass: a new program whose prepared FFNs are `lte::sparse_ffn` calls.
 
-    `ep` must come from `torch.export.export` of a prepared model in hard mode; its graph module is
-    edited in place (export a fresh program for each call). `expected`: the number of FFNs that
-    must become sparse (`lte.export` passes the model's router count); fewer raises
-    `UnsupportedFFNError` naming the ones left dense.
+    `ep` is the fresh export of a prepared model in hard mode; its graph module is edited in place
+    (private: `lte.export` owns it). `expected`: the model's router count; fewer FFNs rewritten
+    raises `UnsupportedFFNError` naming the ones left dense.
     """
     report = find_ffns(ep)
     result = rewrite_ffns(ep.graph_module, report)
     left = count_ops(ep.graph_module.graph, _APPLY_GATES)
-    expected = len(result.rewritten) + left if expected is None else expected
     if left or len(result.rewritten) != expected:
         raise UnsupportedFFNError(
             f"lte.export: {len(result.rewritten)} of {expected} prepared FFN(s) became lte::sparse_ffn "
             f"({left} lte.apply_gates marker(s) left; skipped: {result.skipped or 'none'}; near misses: "
-            f"{[str(n) for n in report.near_misses] or 'none'}); the exported program would run those "
-            "FFNs dense. Export in eval mode, without dropout active inside the FFNs.")
+            f"{[str(n) for n in report.near_misses] or 'none'}); the exported program would run the "
+            "others dense or not at all. Every router's FFN must run in the exported forward, "
+            "with no dropout active inside it.")
     sparse = ep.run_decompositions({})  # turns the Python region function into ATen + lte ops
     calls = count_ops(sparse.graph_module.graph, _SPARSE_FFN)
     if calls != expected:  # the retrace must keep the opaque custom op; guard against a change

@@ -133,6 +133,26 @@ def test_export_refuses_an_unprepared_model(inputs):
         lte.export(models.MLP().eval(), (inputs["x"],))
 
 
+class _SkippableStack(nn.Sequential):
+    """Two MLPs; `skip_second` leaves the second (prepared) FFN out of the forward."""
+
+    skip_second = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[0](x) if self.skip_second else self[1](self[0](x))
+
+
+def test_export_refuses_a_program_with_a_prepared_ffn_missing(inputs):
+    """Every router's FFN must be an lte::sparse_ffn call of the program, or the export fails."""
+    torch.manual_seed(0)
+    model = _SkippableStack(models.MLP(), models.MLP()).eval()
+    lte.prepare(model, lte.Config(expert_size=32), example_inputs=(inputs["x"],))
+    lte.set_mode(model, "hard")
+    model.skip_second = True
+    with pytest.raises(lte.UnsupportedFFNError, match="1 of 2 prepared FFN"):
+        lte.export(model, (inputs["x"],))
+
+
 def test_package_checks_the_path_before_compiling(stack, inputs, tmp_path):
     with pytest.raises(lte.ConfigError, match=r"\.pt2"):
         lte.package(stack, tmp_path / "model.zip", (inputs["x"],))
