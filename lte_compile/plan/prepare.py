@@ -9,6 +9,7 @@ it was.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections.abc import Callable
@@ -52,6 +53,7 @@ def prepare(model: nn.Module, config: Config | None = None, *, example_inputs: A
     args, kwargs = example_args(model, example_inputs)
     report = _find(model, args, kwargs)
     specs = _check_functional(model, plan_ffns(model, report, config, filter_fn), config, args, kwargs)
+    specs = _check_hooks_fire(model, specs, config, args, kwargs)
     # From here on the model changes; every check has passed. The bar shows on terminals only.
     for spec in tqdm(specs, desc="lte.prepare: clustering experts", unit="ffn", disable=None, leave=False):
         perm = _cluster(model, spec, config)
@@ -219,6 +221,48 @@ def _check_functional(model: nn.Module, specs: list[FFNSpec], config: Config, ar
     if not kept:
         raise UnsupportedFFNError(f"{type(model).__name__}: no FFN can be prepared (see the warnings above)")
     return kept
+
+
+def _check_hooks_fire(model: nn.Module, specs: list[FFNSpec], config: Config, args: tuple,
+                      kwargs: dict) -> list[FFNSpec]:
+    """Drop (or refuse) hooked FFNs whose projection modules the forward never calls: a forward that
+    reads `self.down.weight` into F.linear itself would bypass the gate hook and run dense in every
+    mode, silently. Runs the model once with counting hooks; changes nothing."""
+    hooked = [s for s in specs if hookable(model, s)]
+    modules = {p.module for s in hooked for p in s.projections().values()}
+    if not modules:
+        return specs
+    calls = dict.fromkeys(modules, 0)
+    handles = [model.get_submodule(m).register_forward_pre_hook(functools.partial(_count, calls, m)) for m in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    kept = []
+    for spec in specs:
+        unused = [p.module for p in spec.projections().values() if p.module in calls and not calls[p.module]]
+        if not unused:
+            kept.append(spec)
+            continue
+        error = UnsupportedFFNError(
+            f"{spec.name or '<root>'}: the forward never calls projection module(s) {unused} (their weights are "
+            "used directly, e.g. F.linear(h, self.down.weight)), so LTE's hooks would not fire; call the modules, "
+            "or on_unsupported='skip' keeps this FFN dense")
+        if config.on_unsupported == "error":
+            raise error
+        logger.warning("%s; left dense", error)
+    if not kept:
+        raise UnsupportedFFNError(f"{type(model).__name__}: no FFN can be prepared (see the warnings above)")
+    return kept
+
+
+def _count(calls: dict[str, int], name: str, module: nn.Module, inputs: Any) -> None:
+    calls[name] += 1
 
 
 def _is_projection(module: nn.Module) -> bool:

@@ -328,3 +328,30 @@ def test_ffns_computed_in_an_ancestor_forward(tmp_path):
     fresh = lte.load(TwoFFNsInOneForward().eval(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+
+
+class WeightReadingMLP(nn.Module):
+    """Projection modules whose down weight the forward reads itself: the gate hook would never fire."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, D_FF), nn.Linear(D_FF, D)
+
+    def forward(self, x):
+        return F.linear(F.gelu(self.up(x)), self.down.weight, self.down.bias)
+
+
+def test_projection_modules_the_forward_never_calls_are_not_hooked(caplog):
+    """Before: hooks were attached and hard mode silently ran dense. Now such an FFN is left dense with
+    a warning naming the module that is never called, or refused with on_unsupported='error'."""
+    model, x = Net(lambda: FunctionalFFN("linear", "silu", True, False)).eval(), tokens(D)
+    model.blocks[1].ffn = WeightReadingMLP()
+    fresh = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING, logger="lte_compile.plan.prepare"):
+        lte.prepare(model, lte.Config(expert_size=EXPERT), example_inputs=(x,))
+    assert set(lte.routers(model)) == {"blocks.0.ffn"}
+    assert "blocks.1.ffn.down" in caplog.text and "never calls" in caplog.text
+    before = snapshot(fresh)
+    with pytest.raises(UnsupportedFFNError, match="never calls"):
+        lte.prepare(fresh, lte.Config(expert_size=EXPERT, on_unsupported="error"), example_inputs=(x,))
+    assert_state_unchanged(fresh, before)
