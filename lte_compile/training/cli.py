@@ -158,7 +158,8 @@ def _data_options(p: argparse.ArgumentParser, *, seq_len: int, batch_size: int) 
     p.add_argument("--data", default=None, help="a .txt, .jsonl ({\"text\": ...} per line) or .safetensors (1-D "
                    "token ids) file; default: the shipped Shakespeare corpus")
     p.add_argument("--heldout-fraction", type=float, default=TrainConfig.heldout_fraction,
-                   help="share of --data held out for calibration and evaluation (whole documents where possible)")
+                   help="share of --data held out for calibration and evaluation (whole documents where possible; "
+                   "the shipped corpus is split by work instead)")
     p.add_argument("--seq-len", type=int, default=seq_len)
     p.add_argument("--batch-size", type=int, default=batch_size, help="sequences per batch (per rank under torchrun)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -290,6 +291,7 @@ def train_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="held-out batches for the final sparsity and perplexity")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true", help="no sparsity.png / losses.png (log.jsonl is written)")
     p.add_argument("--out", default="runs/lte", help="log.jsonl, plots, checkpoints and the LTE state (<out>/lte)")
     return p
 
@@ -306,7 +308,8 @@ def main_train(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(stage1_steps=args.steps1, stage2_steps=args.steps2, eta=args.eta, target_sparsity=args.target,
                       batch_size=args.batch_size, seq_len=args.seq_len, model_lr=args.model_lr, out_dir=args.out,
                       checkpoint_every=args.checkpoint_every, heldout_fraction=args.heldout_fraction,
-                      eval_batches=args.eval_batches, progress=not args.no_progress)
+                      eval_batches=args.eval_batches, progress=not args.no_progress,
+                      plots=not args.no_plots)
     inputs = _inputs(args, _model(args.model), world=_world_size())
     with _threads(args.threads, _world_size()), _process_group(inputs.device) as rank:
         model = inputs.source.load(inputs.dtype, inputs.device)
@@ -319,7 +322,7 @@ def main_train(argv: list[str] | None = None) -> int:
                     "active_per_token": result.active_per_token, "eval_ppl": result.eval_ppl,
                     "bias_shift": result.bias_shift, "target": result.target_sparsity,
                     "saved": str(out / "lte"), "log": str(out / "log.jsonl"),
-                    "plots": [str(p) for p in sorted(out.glob("*.png"))],
+                    "plots": [str(out / n) for n in ("sparsity.png", "losses.png") if cfg.plots and (out / n).exists()],
                     "data": _data_summary(inputs), "world_size": _world_size()})
     return 0
 

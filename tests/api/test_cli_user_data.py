@@ -177,6 +177,16 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(case, checkpoint, text
     assert not (tmp_path / "run").exists()
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(checkpoint, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    save_file({"input_ids": torch.arange(4000) % (vocab + 1)}, str(tmp_path / "ids.safetensors"))
+    rc, _, err = _run(main_train, ["--model", checkpoint, "--data", tmp_path / "ids.safetensors", "--out",
+                                   tmp_path / "run", *TINY_RUN], capsys)
+    assert rc == 2 and f"token id {vocab}" in err and "vocab_size" in err and not (tmp_path / "run").exists()
+
+
 def test_eval_refuses_torchrun_and_a_missing_lte_dir(checkpoint, text_file, tmp_path, capsys, monkeypatch):
     rc, _, err = _run(main_eval, ["--model", checkpoint, "--data", text_file, "--lte-dir", tmp_path / "none"], capsys)
     assert rc == 2 and "lte train" in err and len(err.strip().splitlines()) == 1
@@ -191,7 +201,7 @@ def test_torchrun_two_processes(checkpoint, text_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lte_compile.cli", "train", "--model", str(checkpoint), "--data", str(text_file), "--steps1", "3",
-           "--steps2", "2", "--target", str(TARGET), "--eval-batches", "2", "--out", str(run), *TINY_RUN]
+           "--steps2", "2", "--target", str(TARGET), "--eval-batches", "2", "--out", str(run), "--no-plots", *TINY_RUN]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # exactly one JSON document: rank 1 prints nothing
