@@ -8,6 +8,7 @@
                                                    .txt / .jsonl / .safetensors data; also under torchrun)
     lte fit --target 0.7                          (training-free: routers fitted on the frozen model)
     lte eval --lte-dir runs/train/lte             (held-out perplexity and sparsity, dense vs LTE)
+    lte compare [--quick ...]                     (LTE vs other selection rules at equal budget: table + plot)
     lte bench [--quick ...]                       (benchmarks/bench_kernels.py, from a source checkout)
     lte bench decode [--quick ...]                (benchmarks/bench_decode.py: end-to-end decode, lte vs inductor)
     lte demo                                      (what `make demo` runs)
@@ -93,6 +94,8 @@ DELEGATED = {
               "under torchrun (lte train --help)", ".training.cli", "main_train"),
     "fit": ("training-free: fit routers, calibrate to a target sparsity (lte fit --help)", ".training.cli", "main_fit"),
     "eval": ("held-out perplexity and sparsity, dense vs LTE (lte eval --help)", ".training.cli", "main_eval"),
+    "compare": ("LTE vs other selection rules at equal budget: table, plot, JSON (lte compare --help)",
+                ".training.compare", "main"),
     "bench": ("sparse vs dense FFN kernel benchmark (lte bench --help); `lte bench decode`: "
               "end-to-end decode, lte vs inductor (lte bench decode --help)", None, "bench_kernels.py"),
     "demo": ("the end-to-end demo `make demo` runs (lte demo --help)", ".small_lm.demo", "main"),

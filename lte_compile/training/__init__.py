@@ -3,6 +3,7 @@
 - `driver.py`: `train` (stage 1 soft, stage 2 hard, target-sparsity control, checkpoints);
 - `fit.py`: `fit_routers`, the training-free mode (routers fitted on the frozen model's activations);
 - `baselines.py`: `select_experts`, other selection rules on the same routers (Deja Vu, oracles, random);
+- `compare.py`: `lte compare`, every method at equal budget: sparsity, perplexity, FLOPs, decode speed;
 - `config.py`: `TrainConfig`, `TrainResult`;   `evaluate.py`: `evaluate`, held-out statistics;
 - `batches.py`: token windows and dict batches;   `losses.py`: L_eff, L_sep, gate statistics;
 - `controller.py`: the router-bias controller;   `optim.py`: optimizer groups (routers apart);

@@ -1,0 +1,69 @@
+"""`lte compare` (training/compare.py): the smoke sweep and its table, plot and JSON."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lte_compile import cli
+from lte_compile.errors import ConfigError
+from lte_compile.kernels.cpu import cpu_name, isa
+from lte_compile.training.compare import BASE_METHODS, QUICK, SweepSettings, ffn_flops_per_token
+
+from .helpers import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One smoke sweep through the `lte` command line (every method, 2 targets, no decode)."""
+    out = tmp_path_factory.mktemp("quality")
+    assert cli.main(["compare", "--quick", "--no-decode", "--threads", "1", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_smoke_sweep_has_every_method_and_target(quick_run):
+    out, results = quick_run
+    rows = {(r["method"], r["target"]): r for r in results["rows"]}
+    expected = {("dense", None), ("dense_ft", None)} | {
+        (m, t) for t in QUICK["targets"] for base in BASE_METHODS
+        for m in (("lte_s1", "lte") if base == "lte" else (base, f"{base}+S2"))}
+    assert set(rows) == expected and len(results["rows"]) == len(expected)
+    for (method, target), r in rows.items():
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1 and math.isfinite(r["flops_per_token"]), r
+        if target is None:
+            continue
+        assert r["flops_per_token"] < rows[("dense", None)]["flops_per_token"], r
+        tolerance = 1 / 16 if method.startswith("oracle_topk") else 0.02  # top-k: k rounds to whole experts
+        assert abs(r["sparsity"] - target) <= tolerance, r
+    table = (out / "table.md").read_text()
+    assert table.count("\n| ") == len(expected) + 1  # header row + one per (method, target)
+    assert cpu_name() in table and f"ISA {isa()[0]}" in table
+    assert (out / "ppl_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sparser_means_fewer_flops_and_dense_ft_is_the_reference(quick_run):
+    _, results = quick_run
+    lte = {r["target"]: r for r in results["rows"] if r["method"] == "lte"}
+    assert lte[0.8]["flops_per_token"] < lte[0.5]["flops_per_token"]
+    fair = next(r for r in results["rows"] if r["method"] == "dense_ft")
+    assert fair["steps"] == QUICK["steps1"] + QUICK["steps2"]
+    assert results["settings"]["steps2"] == QUICK["steps2"] and results["header"]["machine"]["cpu"]
+
+
+def test_flops_per_token_follow_the_cost_model():
+    """Dense: 3 d d_ff per SwiGLU FFN, 2 FLOPs each; at sparsity s: (1 - s) of that plus the router's 2 d E."""
+    model = tiny_llama()  # d 64, d_ff 256, E 16, 2 layers
+    dense = 2 * 2 * 3 * 64 * 256
+    assert ffn_flops_per_token(model, None) == pytest.approx(dense)
+    half = {name: 0.5 for name in ("model.layers.0.mlp", "model.layers.1.mlp")}
+    assert ffn_flops_per_token(model, half) == pytest.approx(dense / 2 + 2 * 2 * 64 * 16)
+
+
+def test_bad_settings_are_one_line_errors(capsys):
+    assert cli.main(["compare", "--quick", "--targets", "0.5,1.2"]) == 2
+    assert "targets" in capsys.readouterr().err
+    assert cli.main(["compare", "--quick", "--methods", "lte,magic"]) == 2
+    assert "methods" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="steps2"):
+        SweepSettings(steps2=0)
