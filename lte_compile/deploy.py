@@ -56,8 +56,10 @@ def export(model: nn.Module, example_inputs: Any = None, *, dynamic_shapes: Any 
     """`torch.export` a prepared model in hard mode; every prepared FFN becomes one `lte::sparse_ffn`.
 
     example_inputs: a tuple of positional args, a dict of keyword args or one tensor (as for
-        `lte.prepare`); None for a transformers model gives an 8-token batch with `use_cache=False`
-        (a KV cache object is not an exportable output).
+        `lte.prepare`); None for a transformers model gives an 8-token batch with
+        `use_cache=False` (a KV cache object is not an exportable output) and `return_dict=False`
+        (outputs a tuple: loading a program that returns a `ModelOutput` needs
+        `import transformers.modeling_outputs` first, for its pytree registration).
     dynamic_shapes: passed to `torch.export.export` (e.g. `{"input_ids": {1: Dim("seq")}}`).
     The model is traced in eval mode (restored afterwards) and is not otherwise changed. Raises
     `NotPreparedError` (not prepared), `ConfigError` (not in hard mode) or `UnsupportedFFNError`
@@ -100,13 +102,14 @@ def _sparsify(ep: torch.export.ExportedProgram, expected: int) -> torch.export.E
     return sparse
 
 
-def package(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
-            dynamic_shapes: Any = None, inductor_configs: dict[str, Any] | None = None) -> str:
-    """`lte.export` the model, then compile it with AOTInductor into the `.pt2` package `path`.
+def package(model: nn.Module | torch.export.ExportedProgram, path: str | os.PathLike, example_inputs: Any = None,
+            *, dynamic_shapes: Any = None, inductor_configs: dict[str, Any] | None = None) -> str:
+    """Compile a prepared model (through `lte.export`), or the program `lte.export` returned, with
+    AOTInductor into the `.pt2` package `path`; returns the path.
 
     Load it with `torch._inductor.aoti_load_package(path)` in a process that imported lte_compile
     (the `lte::` ops are Python custom ops, which AOTInductor calls through its proxy executor).
-    Compiling runs g++ (about a minute for a small model). Returns the package path.
+    Compiling runs g++ (about a minute for a small model).
     """
     path = Path(path)
     if path.suffix != ".pt2":
@@ -114,10 +117,24 @@ def package(model: nn.Module, path: str | os.PathLike, example_inputs: Any = Non
     if not path.parent.is_dir():
         raise ConfigError("path", str(path), "a file in an existing directory",
                           f"create {str(path.parent)!r} first")
-    ep = export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    if isinstance(model, torch.export.ExportedProgram):
+        ep = model
+        _check_sparse_program(ep)
+    else:
+        ep = export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     from torch._inductor import aoti_compile_and_package
 
     return aoti_compile_and_package(ep, package_path=str(path), inductor_configs=inductor_configs)
+
+
+def _check_sparse_program(ep: torch.export.ExportedProgram) -> None:
+    """A program to package must be `lte.export`'s: sparse FFN calls, no masked dense FFN left."""
+    markers, calls = count_ops(ep.graph, _APPLY_GATES), count_ops(ep.graph, _SPARSE_FFN)
+    if markers or not calls:
+        raise UnsupportedFFNError(
+            f"lte.package: the program has {calls} lte::sparse_ffn call(s) and {markers} lte.apply_gates "
+            "marker(s) (FFNs that would run masked dense); pass the prepared model in hard mode or the "
+            "program lte.export returned, not a plain torch.export.export of the model")
 
 
 def count_ops(graph: torch.fx.Graph, name: str) -> int:
@@ -138,8 +155,11 @@ def _check_exportable(model: nn.Module) -> None:
 
 def _export_args(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     args, kwargs = example_args(model, example_inputs)
-    if example_inputs is None and "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False  # the dummy batch of a transformers LM: no cache object out
+    if example_inputs is None:  # the dummy batch of a transformers model: plain tensors out
+        params = inspect.signature(model.forward).parameters
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        # transformers v5 forwards take return_dict through **kwargs (`can_return_tuple`)
+        kwargs.update({k: False for k in ("use_cache", "return_dict") if k in params or takes_kwargs})
     return args, kwargs
 
 

@@ -107,7 +107,8 @@ def test_export_save_load_in_a_fresh_process(stack, inputs, tmp_path):
 
 
 def test_export_of_a_transformers_llama_with_dummy_inputs():
-    """No example inputs: the dummy batch gets use_cache=False (a cache is not exportable)."""
+    """No example inputs: the dummy batch gets use_cache=False (a cache is not exportable) and
+    return_dict=False (a tuple, loadable without transformers' pytree registrations)."""
     model = models.hf_model("llama")
     lte.prepare(model, lte.Config(expert_size=32))
     lte.set_mode(model, "hard")
@@ -115,7 +116,8 @@ def test_export_of_a_transformers_llama_with_dummy_inputs():
     assert count_ops(ep.graph, "lte::sparse_ffn") == models.LAYERS
     ids = models.hf_inputs("llama")
     with torch.no_grad():
-        torch.testing.assert_close(ep.module()(**ids).logits, model(**ids).logits, rtol=1e-5, atol=1e-5)
+        (logits,) = ep.module()(**ids, return_dict=False)
+        torch.testing.assert_close(logits, model(**ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["soft", "dense"])
@@ -158,6 +160,15 @@ def test_package_checks_the_path_before_compiling(stack, inputs, tmp_path):
         lte.package(stack, tmp_path / "model.zip", (inputs["x"],))
     with pytest.raises(lte.ConfigError, match="existing directory"):
         lte.package(stack, tmp_path / "missing" / "model.pt2", (inputs["x"],))
+    assert not any(tmp_path.iterdir())
+
+
+def test_package_refuses_a_program_with_dense_ffns(inputs, tmp_path):
+    """A plain torch.export of the prepared model still has the masked dense FFNs."""
+    with torch.no_grad(), pytest.warns(UserWarning, match="last_gates"):  # export saw the router's cache
+        plain = torch.export.export(_prepared_stack(), (inputs["x"],))
+    with pytest.raises(lte.UnsupportedFFNError, match="lte.apply_gates"):
+        lte.package(plain, tmp_path / "model.pt2")
     assert not any(tmp_path.iterdir())
 
 
@@ -217,6 +228,7 @@ def test_aoti_package_runs_the_sparse_kernel_in_a_fresh_process(stack, inputs, t
     lte_compile, each call reaches the C++ gathered kernel, and the outputs match eager hard mode.
     Without the import the package does not load (the op is registered from Python)."""
     path = lte.package(stack, tmp_path / "model.pt2", (inputs["x"],), dynamic_shapes=_dynamic_batch_and_seq())
+    assert path == str(tmp_path / "model.pt2")
     assert _package_extern_ops(Path(path)) == ["lte::sparse_ffn"] * FFNS
     report = _run_fresh_process(_LOAD_PACKAGE, tmp_path, inputs)
     assert report["cpp_kernel"], "the C++ extension did not build in the fresh process"
