@@ -21,8 +21,9 @@ and compiler have them (`bf16_dot_available()`), fp32 FMAs otherwise.
 When no compiler is available (or the build fails), `sparse_ffn_torch` is used with a warning:
 it is grouped by expert too, but pays one torch call per active expert.
 
-Importing this module registers the dispatch kernels "cpu" (`sparse_ffn_cpu`) and "torch"
-(`sparse_ffn_torch`); `dispatch` imports it on first lookup of either.
+Importing this module registers the dispatch kernels "cpu" (`sparse_ffn_cpu`), "dense"
+(`dense_masked_ffn`: dense GEMMs + one fused epilogue, measured dispatch's safe path) and "torch"
+(`sparse_ffn_torch`); `dispatch` imports it on first lookup of any.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import register_kernel
-from .reference import activation, expert_scale
+from .reference import activation, expert_scale, sparse_ffn_reference
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "sparse_ffn_cpu.cpp")
 _EXT_NAME = "lte_sparse_ffn_cpu"
@@ -147,6 +148,22 @@ def sparse_ffn_cpu(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None
                                 expert_size, mode, tau)
     return ext.sparse_ffn_cpu(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
                               expert_size, mode, float(tau))
+
+
+@register_kernel("dense")
+def dense_masked_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
+                     b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, act: str,
+                     expert_size: int, mode: str, tau: float) -> Tensor:
+    """Every expert through dense MKL/oneDNN GEMMs, then the mask: the reference's math at
+    Inductor's dense cost (one fused act * up * mask pass in C++ instead of three [T, N] ones).
+    What measured dispatch falls back to where the gathered kernel is slower; the reference
+    itself without the extension."""
+    ext = load_extension()
+    if ext is None:
+        return sparse_ffn_reference(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
+                                    expert_size, mode, tau)
+    return ext.dense_masked_ffn(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
+                                expert_size, mode, float(tau))
 
 
 @register_kernel("torch")

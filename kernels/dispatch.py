@@ -9,13 +9,14 @@ lookup only (`_PROVIDERS`), so CPU-only use never imports triton.
     device  mode  dtype             kernel
     cuda    hard  fp32/fp16/bf16    Triton (sparse_ffn_triton: decode path T <= 8, grouped above)
     cpu     hard  fp32/fp16/bf16    T <= 4: C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a
-                                    compiler). Larger T: C++ or the reference (dense MKL/oneDNN, then
-                                    masked), whichever was faster when both were timed on this
-                                    machine for this shape bucket (`autotune.py`: measured once,
-                                    cached per machine and torch/kernel version). With autotuning
-                                    off (LTE_AUTOTUNE=0) or for tiny problems, the constant rule:
-                                    the reference for batches (T >= CPU_BATCH_T) whose density of
-                                    used (token, expert) pairs is above CPU_DENSE_ABOVE
+                                    compiler). Larger T: C++ or "dense" (cpu.dense_masked_ffn: dense
+                                    MKL/oneDNN GEMMs, one fused act*up*mask pass), whichever was
+                                    faster when both were timed on this machine for this shape
+                                    bucket (`autotune.py`: measured once, cached per machine and
+                                    torch/kernel version). With autotuning off (LTE_AUTOTUNE=0) or
+                                    for tiny problems, the constant rule: "dense" for batches
+                                    (T >= CPU_BATCH_T) whose density of used (token, expert) pairs
+                                    is above CPU_DENSE_ABOVE
     any     soft  any               reference: every expert is computed (gates scale, never skip),
                                     and dense BLAS/cuBLAS is the fastest way to compute them all
     any     any   float64, other    reference
@@ -51,7 +52,7 @@ CPU_DENSE_ABOVE_BF16_DOT = 0.6
 # name -> kernel; filled by register_kernel (the reference here, the others by their modules).
 _KERNELS: dict[str, Kernel] = {"reference": sparse_ffn_reference}
 # name -> the module (relative to this package) whose import registers it: imported on first use.
-_PROVIDERS = {"cpu": ".cpu", "torch": ".cpu", "triton": ".sparse_ffn_triton"}
+_PROVIDERS = {"cpu": ".cpu", "dense": ".cpu", "torch": ".cpu", "triton": ".sparse_ffn_triton"}
 _forced: str | None = None
 
 
@@ -102,7 +103,7 @@ def _cpu_dense_above(dtype: torch.dtype) -> float:
 def constant_rule(dtype: torch.dtype, T: int, density: float) -> str:
     """The CPU choice without measurements (thresholds measured on one AVX-512 machine)."""
     if T >= CPU_BATCH_T and density > _cpu_dense_above(dtype):
-        return "reference"
+        return "dense"
     return "cpu"
 
 

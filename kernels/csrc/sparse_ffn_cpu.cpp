@@ -17,17 +17,34 @@
 // beside torch's would oversubscribe the cores and stall torch ops).
 //   1. up:   parallel over active experts. For every (token, expert) pair, h[p, 0..B) =
 //            act(x W_gate[e]^T + b_gate) * (x W_up[e]^T + b_up) * scale. d is tiled so the
-//            expert's weight tile stays in L2 while token chunks of 4 reuse it (grouped by expert:
-//            at batch > 1 each weight block is read from memory once, however many tokens need it).
+//            expert's weight tile stays in L2 while chunks of kUpToks tokens reuse it (grouped by
+//            expert: at batch > 1 each weight block is read from memory once, however many tokens
+//            need it). Micro-kernel dot_block: R rows x NT tokens of vector accumulators.
 //   2. down: parallel over column tiles of d_out (no reduction buffers, deterministic). For each
-//            active expert, y[t, tile] += h[p, :] @ W_down^T[e, tile] over its pairs.
+//            active expert, y[t, tile] += h[p, :] @ W_down^T[e, tile] over its pairs: one token
+//            streams 8 rows at a time (axpy_rows); several are register-blocked (down_block:
+//            kDownToks tokens x kDownCols vectors of y kept in registers over all B rows).
+// The vector width (LTE_LANES) and the blocks follow the build ISA (kernels/cpu.py isa()): 8 fp32
+// lanes and 12 accumulators for AVX2's 16 registers, 16 lanes and 16-24 for AVX-512's 32.
+//
+// Dense-then-mask (dense_masked_ffn, dispatch kernel "dense"): MKL/oneDNN GEMMs for every expert
+// and one fused act*up*mask pass; what measured dispatch (kernels/autotune.py) falls back to.
 // Accumulation is fp32 for every weight dtype (fp32, bf16, fp16); y is rounded once at the end.
 //
 // bf16 batches (x and weights bf16, T > 1) on a CPU with AVX512-BF16: experts with >= 2 tokens run
 // both phases as register-blocked `vdpbf16ps` micro-kernels on the raw bf16 rows (see "AVX512-BF16
 // grouped path" below); without __AVX512BF16__ at build time only the fp32 path is compiled.
+// at::vec::Vectorized (the dense path's fused epilogue) at the build ISA's width: ATen selects the
+// vector implementation by these macros, which torch's own build sets per kernel file. The
+// Sleef functions behind exp/erf/tanh are exported by libtorch_cpu.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2 1
+#endif
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -47,8 +64,21 @@
 
 namespace {
 
-constexpr int kTokChunk = 4;     // tokens sharing one pass over a weight row (register blocking)
-constexpr int kRowGroup = 8;     // W_down rows combined per pass over a y tile
+// Register blocks of the fp32-accumulating micro-kernels, sized to the build ISA's register file
+// (AVX2: 16 ymm; AVX-512: 32 zmm) so the accumulators never spill:
+//   up   (dot_block): R weight rows x NT tokens, one vector accumulator each, R*NT <= 12 / 16;
+//   down (down_block): kDownToks tokens x kDownCols vectors of y columns, 12 / 24 accumulators.
+#if defined(__AVX512F__)
+#define LTE_LANES 16
+constexpr int kUpToks = 8;
+constexpr int kDownToks = 6;
+#else
+#define LTE_LANES 8
+constexpr int kUpToks = 6;
+constexpr int kDownToks = 3;
+#endif
+constexpr int kDownCols = 4;     // vectors of y columns per down micro-kernel
+constexpr int kRowGroup = 8;     // W_down rows combined per pass over y (batch-1 streaming path)
 constexpr int64_t kDTile = 1024; // d tile of phase 1 (expert tile = 2*B*kDTile*4 B = 256 KB at B=32)
 
 // Codes follow kernels/reference.py ACTIVATIONS order (act_code maps the names).
@@ -83,73 +113,168 @@ inline float activation(int act, float a) {
 
 // 16 fp32 lanes (one AVX-512 register, two AVX2 ones) as a GCC vector type: accumulators of
 // this type stay in registers, which plain float arrays did not reliably do.
-typedef float vf16 __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t vu16 __attribute__((vector_size(32), aligned(2)));
+typedef float vf16 __attribute__((vector_size(64)));
 typedef uint32_t vu32 __attribute__((vector_size(64)));
 
-inline vf16 load16(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+typedef float vf16_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint16_t vu16_u __attribute__((vector_size(32), aligned(2), may_alias));
+inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16_u*>(p); }
 inline vf16 load16(const c10::BFloat16* p) {
-  vu16 h;
-  std::memcpy(&h, p, sizeof h);
-  vu32 u = __builtin_convertvector(h, vu32) << 16;  // bf16 -> fp32 is a 16-bit shift
-  vf16 v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
+  const vu32 u = __builtin_convertvector(*reinterpret_cast<const vu16_u*>(p), vu32) << 16;
+  return __builtin_bit_cast(vf16, u);  // bf16 -> fp32 is a 16-bit shift
 }
 inline vf16 load16(const c10::Half* p) {
-  float f[16];
-  for (int l = 0; l < 16; ++l) f[l] = static_cast<float>(p[l]);
-  return load16(f);
+  vf16 v;
+  for (int l = 0; l < 16; ++l) v[l] = static_cast<float>(p[l]);
+  return v;
 }
-inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
+inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16_u*>(p) = v; }
 inline float hsum(vf16 v) {
   float s = 0.f;
   for (int l = 0; l < 16; ++l) s += v[l];
   return s;
 }
 
-// acc_u[t] += <w_up_row[0:n], x_t[0:n]>, acc_g likewise, for NT tokens at once: each weight
-// element is loaded (and converted) once and used NT times. Two independent chains per dot
-// (32 elements a step) hide the FMA latency.
-template <typename W, int NT, bool GLU>
-inline void dot_rows(const W* __restrict wu, const W* __restrict wg, const float* const* xs,
-                     int64_t n, float* acc_u, float* acc_g) {
-  vf16 au[NT][2], ag[GLU ? NT : 1][2];
-  for (int t = 0; t < NT; ++t) {
-    au[t][0] = au[t][1] = vf16{};
-    ag[GLU ? t : 0][0] = ag[GLU ? t : 0][1] = vf16{};
-  }
+// One vector of the build's width (LTE_LANES fp32 lanes): the register-blocked kernels' unit.
+// Loads and stores go through the unaligned, may_alias twins (one vmovups each): a memcpy into
+// the vector compiled to two 128-bit stores and a 256-bit reload on AVX2 (a store-forwarding
+// stall per load).
+typedef float vfl __attribute__((vector_size(LTE_LANES * 4)));
+typedef float vfl_u __attribute__((vector_size(LTE_LANES * 4), aligned(4), may_alias));
+typedef uint16_t vul16_u __attribute__((vector_size(LTE_LANES * 2), aligned(2), may_alias));
+typedef uint32_t vul32 __attribute__((vector_size(LTE_LANES * 4)));
+
+inline vfl loadv(const float* p) { return *reinterpret_cast<const vfl_u*>(p); }
+inline vfl loadv(const c10::BFloat16* p) {
+  const vul32 u = __builtin_convertvector(*reinterpret_cast<const vul16_u*>(p), vul32) << 16;
+  return __builtin_bit_cast(vfl, u);  // bf16 -> fp32 is a 16-bit shift
+}
+inline vfl loadv(const c10::Half* p) {
+  vfl v;
+  for (int l = 0; l < LTE_LANES; ++l) v[l] = static_cast<float>(p[l]);
+  return v;
+}
+inline void storev(float* p, vfl v) { *reinterpret_cast<vfl_u*>(p) = v; }
+inline float hsumv(vfl v) {
+  float s = 0.f;
+  for (int l = 0; l < LTE_LANES; ++l) s += v[l];
+  return s;
+}
+
+// out[r * NT + t] = <w[r][0:n], xs[t][0:n]> for R weight rows x NT tokens: R*NT accumulators,
+// and per step R weight vectors and NT x vectors loaded once each (R + NT loads for R*NT FMAs).
+template <typename W, int R, int NT>
+inline void dot_block(const W* const* w, const float* const* xs, int64_t n, float* out) {
+  const W* wr[R];
+  const float* xr[NT];
+  for (int r = 0; r < R; ++r) wr[r] = w[r];
+  for (int t = 0; t < NT; ++t) xr[t] = xs[t];
+  vfl acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = vfl{};
   int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    const vf16 u0 = load16(wu + k), u1 = load16(wu + k + 16);
-    vf16 g0{}, g1{};
-    if (GLU) {
-      g0 = load16(wg + k);
-      g1 = load16(wg + k + 16);
-    }
+  for (; k + LTE_LANES <= n; k += LTE_LANES) {
+    vfl wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = loadv(wr[r] + k);
+#pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) {
-      const vf16 x0 = load16(xs[t] + k), x1 = load16(xs[t] + k + 16);
-      au[t][0] += u0 * x0;
-      au[t][1] += u1 * x1;
-      if (GLU) {
-        ag[t][0] += g0 * x0;
-        ag[t][1] += g1 * x1;
-      }
+      const vfl xv = loadv(xr[t] + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][t] += wv[r] * xv;
     }
   }
-  for (int t = 0; t < NT; ++t) {
-    float su = hsum(au[t][0] + au[t][1]);
-    float sg = GLU ? hsum(ag[t][0] + ag[t][1]) : 0.f;
-    for (int64_t kk = k; kk < n; ++kk) {
-      su += to_f(wu[kk]) * xs[t][kk];
-      if (GLU) sg += to_f(wg[kk]) * xs[t][kk];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) {
+      float sum = hsumv(acc[r][t]);
+      for (int64_t kk = k; kk < n; ++kk) sum += to_f(wr[r][kk]) * xr[t][kk];
+      out[r * NT + t] = sum;
     }
-    acc_u[t] += su;
-    if (GLU) acc_g[t] += sg;
+}
+
+template <typename W, int R>
+inline void dot_block_nt(int nt, const W* const* w, const float* const* xs, int64_t n, float* out) {
+  switch (nt) {
+    case 1: dot_block<W, R, 1>(w, xs, n, out); break;
+    case 2: dot_block<W, R, 2>(w, xs, n, out); break;
+    case 3: dot_block<W, R, 3>(w, xs, n, out); break;
+    case 4: dot_block<W, R, 4>(w, xs, n, out); break;
+    case 5: dot_block<W, R, 5>(w, xs, n, out); break;
+#if LTE_LANES == 16
+    case 6: dot_block<W, R, 6>(w, xs, n, out); break;
+    case 7: dot_block<W, R, 7>(w, xs, n, out); break;
+    default: dot_block<W, R, 8>(w, xs, n, out); break;
+#else
+    default: dot_block<W, R, 6>(w, xs, n, out); break;
+#endif
+  }
+}
+
+// Rows per up block for nt tokens: 4 while 4*nt accumulators fit, else 2 (see kUpToks).
+inline int up_rows(int nt) { return nt <= kUpToks / 2 ? 4 : 2; }
+
+template <typename W>
+inline void dot_block_any(int r, int nt, const W* const* w, const float* const* xs, int64_t n, float* out) {
+  if (r == 4) dot_block_nt<W, 4>(nt, w, xs, n, out);
+  else if (r == 2) dot_block_nt<W, 2>(nt, w, xs, n, out);
+  else dot_block_nt<W, 1>(nt, w, xs, n, out);
+}
+
+// y[t][c : c + CB*LTE_LANES] += sum_j h[t][j] * w[j][c : ...] over all B rows, NT tokens: the y
+// block stays in registers across the B rows (one load and one store of y per expert), and each
+// weight vector is used by NT tokens. w: fp32 rows with stride ws.
+template <int NT, int CB>
+inline void down_block(const float* w, int64_t ws, int64_t B, const float* const* h, float* const* y,
+                       int64_t c) {
+  vfl acc[NT][CB];
+  for (int t = 0; t < NT; ++t)
+    for (int b = 0; b < CB; ++b) acc[t][b] = loadv(y[t] + c + b * LTE_LANES);
+  const float* hr[NT];
+  for (int t = 0; t < NT; ++t) hr[t] = h[t];
+  for (int64_t j = 0; j < B; ++j) {
+    vfl wv[CB];
+    const float* wj = w + j * ws + c;
+#pragma GCC unroll 8
+    for (int b = 0; b < CB; ++b) wv[b] = loadv(wj + b * LTE_LANES);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      const float hv = hr[t][j];
+#pragma GCC unroll 8
+      for (int b = 0; b < CB; ++b) acc[t][b] += hv * wv[b];
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int b = 0; b < CB; ++b) storev(y[t] + c + b * LTE_LANES, acc[t][b]);
+}
+
+// Columns [0, n) for NT tokens: kDownCols-vector blocks, single vectors, then a scalar tail.
+template <int NT>
+inline void down_cols_fp32(const float* w, int64_t ws, int64_t B, const float* const* h,
+                           float* const* y, int64_t n) {
+  int64_t c = 0;
+  for (; c + kDownCols * LTE_LANES <= n; c += kDownCols * LTE_LANES) down_block<NT, kDownCols>(w, ws, B, h, y, c);
+  for (; c + LTE_LANES <= n; c += LTE_LANES) down_block<NT, 1>(w, ws, B, h, y, c);
+  for (; c < n; ++c)
+    for (int t = 0; t < NT; ++t) {
+      float acc = y[t][c];
+      for (int64_t j = 0; j < B; ++j) acc += h[t][j] * w[j * ws + c];
+      y[t][c] = acc;
+    }
+}
+
+inline void down_cols_fp32_any(int nt, const float* w, int64_t ws, int64_t B, const float* const* h,
+                               float* const* y, int64_t n) {
+  switch (nt) {
+    case 1: down_cols_fp32<1>(w, ws, B, h, y, n); break;
+    case 2: down_cols_fp32<2>(w, ws, B, h, y, n); break;
+#if LTE_LANES == 16
+    case 3: down_cols_fp32<3>(w, ws, B, h, y, n); break;
+    case 4: down_cols_fp32<4>(w, ws, B, h, y, n); break;
+    case 5: down_cols_fp32<5>(w, ws, B, h, y, n); break;
+    default: down_cols_fp32<6>(w, ws, B, h, y, n); break;
+#else
+    default: down_cols_fp32<3>(w, ws, B, h, y, n); break;
+#endif
   }
 }
 
@@ -175,22 +300,6 @@ inline void axpy_rows(float* __restrict y, const W* const* w, const float* h, in
     for (; c < n; ++c)
       y[c] += h0 * to_f(w0[c]) + h1 * to_f(w1[c]) + h2 * to_f(w2[c]) + h3 * to_f(w3[c]);
   }
-}
-
-// dot_rows for nt (1..kTokChunk) tokens, GLU or not, picked at run time.
-template <typename W>
-inline void dot_chunk(const W* wu, const W* wg, const float* const* xs, int64_t n, int nt, bool glu,
-                      float* su, float* sg) {
-#define LTE_DOT(NT)                                          \
-  if (glu) dot_rows<W, NT, true>(wu, wg, xs, n, su, sg);     \
-  else dot_rows<W, NT, false>(wu, wg, xs, n, su, sg);
-  switch (nt) {
-    case 1: LTE_DOT(1) break;
-    case 2: LTE_DOT(2) break;
-    case 3: LTE_DOT(3) break;
-    default: LTE_DOT(4) break;
-  }
-#undef LTE_DOT
 }
 
 #if LTE_BF16_DP
@@ -457,44 +566,44 @@ void up_phase(const PairIndex& ix, const float* x, const uint16_t* xb, bool dp, 
       {
       // One token chunk: stream each row whole (sequential reads); several: tile d so the
       // expert's tile stays in L2 across chunks.
-      const int64_t dtile = np <= kTokChunk ? d : kDTile;
+      const int64_t dtile = np <= kUpToks ? d : kDTile;
       // bf16/fp16 tiles reused by several chunks are converted to fp32 once, not per chunk.
-      const bool staged = !std::is_same<W, float>::value && np > kTokChunk;
-      if (staged) stage.resize((glu ? 2 : 1) * B * dtile);
+      const bool staged = !std::is_same<W, float>::value && np > kUpToks;
+      const int64_t nrows = glu ? 2 * B : B;  // up rows, then gate rows
+      if (staged) stage.resize(nrows * dtile);
       for (int64_t k0 = 0; k0 < d; k0 += dtile) {
         const int64_t kn = std::min(dtile, d - k0);
         if (staged) {
-          for (int64_t j = 0; j < B; ++j) {
-            const W* src = w_up + (e * B + j) * s_up + k0;
+          for (int64_t j = 0; j < nrows; ++j) {
+            const W* src = j < B ? w_up + (e * B + j) * s_up + k0 : w_gate + (e * B + j - B) * s_gate + k0;
             float* dst = stage.data() + j * dtile;
             for (int64_t k = 0; k < kn; ++k) dst[k] = to_f(src[k]);
-            if (glu) {
-              const W* sg = w_gate + (e * B + j) * s_gate + k0;
-              float* dg = stage.data() + (B + j) * dtile;
-              for (int64_t k = 0; k < kn; ++k) dg[k] = to_f(sg[k]);
-            }
           }
         }
-        for (int64_t c = 0; c < np; c += kTokChunk) {
-          const int nt = static_cast<int>(std::min<int64_t>(kTokChunk, np - c));
-          const float* xs[kTokChunk];
+        for (int64_t c = 0; c < np; c += kUpToks) {
+          const int nt = static_cast<int>(std::min<int64_t>(kUpToks, np - c));
+          const float* xs[kUpToks];
           for (int i = 0; i < nt; ++i) xs[i] = x + tok[p0 + c + i] * d + k0;
-          for (int64_t j = 0; j < B; ++j) {
-            float su[kTokChunk] = {}, sg[kTokChunk] = {};
-            if (staged) {
-              const float* wu = stage.data() + j * dtile;
-              const float* wg = glu ? stage.data() + (B + j) * dtile : nullptr;
-              dot_chunk<float>(wu, wg, xs, kn, nt, glu, su, sg);
-            } else {
-              const int64_t row = e * B + j;
-              const W* wu = w_up + row * s_up + k0;
-              const W* wg = glu ? w_gate + row * s_gate + k0 : nullptr;
-              dot_chunk<W>(wu, wg, xs, kn, nt, glu, su, sg);
+          const int R = up_rows(nt);
+          for (int64_t r0 = 0; r0 < nrows;) {
+            const int rr = nrows - r0 >= R ? R : 1;  // a ragged end: one row at a time
+            float res[4 * kUpToks];
+            float* outs[4];
+            const float* ws[4];
+            const W* wr[4];
+            for (int r = 0; r < rr; ++r) {
+              const int64_t j = r0 + r;
+              const bool up = j < B;
+              const int64_t jj = up ? j : j - B;
+              outs[r] = (up ? hu : hg) + jj;
+              if (staged) ws[r] = stage.data() + j * dtile;
+              else wr[r] = (up ? w_up + (e * B + jj) * s_up : w_gate + (e * B + jj) * s_gate) + k0;
             }
-            for (int i = 0; i < nt; ++i) {
-              hu[(c + i) * B + j] += su[i];
-              if (glu) hg[(c + i) * B + j] += sg[i];
-            }
+            if (staged) dot_block_any<float>(rr, nt, ws, xs, kn, res);
+            else dot_block_any<W>(rr, nt, wr, xs, kn, res);
+            for (int r = 0; r < rr; ++r)
+              for (int i = 0; i < nt; ++i) outs[r][(c + i) * B] += res[r * nt + i];
+            r0 += rr;
           }
         }
       }
@@ -539,8 +648,8 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
   // streams its whole column range of each row. Row segments are >= 256 floats.
   int64_t ct = (int64_t{1} << 16) / std::max<int64_t>(T, 1);
   ct = std::max<int64_t>(256, (ct / 64) * 64);
-  if (dp && T > 1) {
-    // bf16 path: the y tile may shrink to 64 columns (T = 2048: 512 KB, in L2; 256 columns = 2 MB
+  if (T > 1) {
+    // Batches: the y tile may shrink to 64 columns (T = 2048: 512 KB, in L2; 256 columns = 2 MB
     // spilled to L3 and halved the down phase's rate), and every thread gets a tile (at T = 16 a
     // single 4096-column tile would run on one core).
     ct = std::max<int64_t>(64, ((int64_t{1} << 16) / T) / 64 * 64);
@@ -552,7 +661,7 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
     const int64_t c0 = i0 * ct, c1 = std::min(d_out, i1 * ct);
     // At batch 1 the thread's whole range is one tile; otherwise ct columns at a time.
     const int64_t step = (T == 1) ? (c1 - c0) : ct;
-    std::vector<float> stage(kRowGroup * step);
+    std::vector<float> stage;  // fp32 copy of a reduced-precision W_down tile (batches)
 #if LTE_BF16_DP
     std::vector<uint32_t> pk(dp ? Bh * kDpSub : 0);
 #endif
@@ -588,23 +697,40 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
           continue;
         }
 #endif
-        for (int64_t r0 = 0; r0 < B; r0 += kRowGroup) {
-          const int R = static_cast<int>(std::min<int64_t>(kRowGroup, B - r0));
-          const W* wr[kRowGroup];
-          for (int r = 0; r < R; ++r) wr[r] = w_down + (e * B + r0 + r) * s_down + cs;
-          if (np == 1) {
+        if (np == 1) {  // one token (decode): stream kRowGroup rows at a time through y
+          for (int64_t r0 = 0; r0 < B; r0 += kRowGroup) {
+            const int R = static_cast<int>(std::min<int64_t>(kRowGroup, B - r0));
+            const W* wr[kRowGroup];
+            for (int r = 0; r < R; ++r) wr[r] = w_down + (e * B + r0 + r) * s_down + cs;
             axpy_rows<W>(y + tok[p0] * d_out + cs, wr, h + p0 * B + r0, R, n);
-            continue;
           }
-          // Several tokens share these rows: convert the tile to fp32 once.
-          const float* sr[kRowGroup];
-          for (int r = 0; r < R; ++r) {
-            float* dst = stage.data() + r * step;
-            for (int64_t c = 0; c < n; ++c) dst[c] = to_f(wr[r][c]);
-            sr[r] = dst;
+          continue;
+        }
+        // Several tokens share the expert's [B, n] tile: register-blocked over tokens and columns
+        // (down_block), reduced-precision weights converted to fp32 once.
+        const float* wt;
+        int64_t wst;
+        if constexpr (std::is_same<W, float>::value) {
+          wt = w_down + e * B * s_down + cs;
+          wst = s_down;
+        } else {
+          stage.resize(B * n);
+          for (int64_t j = 0; j < B; ++j) {
+            const W* src = w_down + (e * B + j) * s_down + cs;
+            for (int64_t c = 0; c < n; ++c) stage[j * n + c] = to_f(src[c]);
           }
-          for (int64_t i = 0; i < np; ++i)
-            axpy_rows<float>(y + tok[p0 + i] * d_out + cs, sr, h + (p0 + i) * B + r0, R, n);
+          wt = stage.data();
+          wst = n;
+        }
+        for (int64_t c = 0; c < np; c += kDownToks) {
+          const int nt = static_cast<int>(std::min<int64_t>(kDownToks, np - c));
+          const float* hr[kDownToks];
+          float* yr[kDownToks];
+          for (int i = 0; i < nt; ++i) {
+            hr[i] = h + (p0 + c + i) * B;
+            yr[i] = y + tok[p0 + c + i] * d_out + cs;
+          }
+          down_cols_fp32_any(nt, wt, wst, B, hr, yr, n);
         }
       }
     }
@@ -654,7 +780,104 @@ torch::Tensor rows_unit_stride(const torch::Tensor& w) {
   return (w.dim() == 2 && w.stride(1) == 1) ? w : w.contiguous();
 }
 
+// ---- Dense-then-mask path (dispatch kernel "dense") -----------------------------------------
+// What autotune falls back to where the gathered kernel is slower: the reference's math with
+// Inductor's dense cost. Up and gate are MKL/oneDNN GEMMs (at::mm / at::addmm) into fresh
+// [T, N] buffers, then ONE fused pass h = act(gate) * up * scale written over `up` (the
+// reference takes three: act, the product, the mask multiply, each allocating [T, N]), then
+// the down GEMM with the bias folded in (addmm). The mask is a multiply, not a skip, so a
+// non-finite h of an off expert stays NaN in y as in the reference (NaN * 0).
+
+using at::vec::Vectorized;
+using VecF = Vectorized<float>;
+
+inline VecF activation_vec(int act, VecF a) {
+  switch (act) {
+    case kRelu: return at::vec::maximum(a, VecF(0.f));
+    case kGelu: return VecF(0.5f) * a * (VecF(1.f) + (a * VecF(0.70710678118654752f)).erf());
+    case kGeluTanh: {
+      const VecF k(0.7978845608028654f), c(0.044715f);
+      return VecF(0.5f) * a * (VecF(1.f) + (k * (a + c * a * a * a)).tanh());
+    }
+    case kRelu2: {
+      const VecF r = at::vec::maximum(a, VecF(0.f));
+      return r * r;
+    }
+    case kQuickGelu: return a / (VecF(1.f) + (VecF(-1.702f) * a).exp());
+    default: return a / (VecF(1.f) + a.neg().exp());
+  }
+}
+
+// Row t of h (in place over up): act(gate) * up (or act(up)), then each expert's B values times
+// its scale; the multiply is skipped only for a scale of exactly 1 (x * 1 == x, NaN included).
+template <typename T_>
+void epilogue_row(T_* up, const T_* gate, const float* scale, int64_t E, int64_t B, int act) {
+  const int64_t n = E * B;
+  if constexpr (std::is_same<T_, float>::value) {
+    const int64_t L = VecF::size();
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+      const VecF u = VecF::loadu(up + j);
+      const VecF h = gate ? activation_vec(act, VecF::loadu(gate + j)) * u : activation_vec(act, u);
+      h.store(up + j);
+    }
+    for (; j < n; ++j) up[j] = gate ? activation(act, gate[j]) * up[j] : activation(act, up[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const float u = to_f(up[j]);
+      up[j] = static_cast<T_>(gate ? activation(act, to_f(gate[j])) * u : activation(act, u));
+    }
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const float s = scale[e];
+    if (s == 1.f) continue;
+    T_* blk = up + e * B;
+    for (int64_t j = 0; j < B; ++j) blk[j] = static_cast<T_>(to_f(blk[j]) * s);
+  }
+}
+
 }  // namespace
+
+torch::Tensor dense_masked_ffn(torch::Tensor x, torch::Tensor gates, torch::Tensor w_up,
+                               c10::optional<torch::Tensor> w_gate, torch::Tensor w_down,
+                               c10::optional<torch::Tensor> b_up, c10::optional<torch::Tensor> b_gate,
+                               c10::optional<torch::Tensor> b_down, std::string act,
+                               int64_t expert_size, std::string mode, double tau) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && gates.dim() == 2,
+              "lte dense_masked_ffn: x [T, d] and gates [T, E] on the CPU");
+  const bool hard = mode == "hard";
+  TORCH_CHECK(hard || mode == "soft", "lte dense_masked_ffn: mode must be soft|hard, got ", mode);
+  const int64_t T = x.size(0), E = gates.size(1), B = expert_size;
+  TORCH_CHECK(w_up.size(0) == E * B, "lte dense_masked_ffn: w_up rows != E*B");
+  const int code = act_code(act);
+  auto linear = [&](const torch::Tensor& w, const c10::optional<torch::Tensor>& b) {
+    return b ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+  };
+  torch::Tensor up = linear(w_up, b_up);  // [T, N], contiguous
+  torch::Tensor gate = w_gate ? linear(*w_gate, b_gate) : torch::Tensor();
+  // The scale in fp32 exactly as the reference forms it: (gates > tau) in the gates' dtype (hard),
+  // the gate rounded to h's dtype (soft).
+  torch::Tensor scale = hard ? gates.gt(tau).to(at::kFloat)
+                             : gates.to(up.scalar_type()).to(at::kFloat);
+  scale = scale.contiguous();
+  const float* sc = scale.data_ptr<float>();
+  auto run = [&](auto tag) {
+    using T_ = decltype(tag);
+    T_* u = up.data_ptr<T_>();
+    const T_* g = gate.defined() ? gate.data_ptr<T_>() : nullptr;
+    const int64_t N = E * B;
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        epilogue_row<T_>(u + t * N, g ? g + t * N : nullptr, sc + t * E, E, B, code);
+    });
+  };
+  const auto dt = up.scalar_type();
+  if (dt == at::kFloat) run(float{});
+  else if (dt == at::kBFloat16) run(c10::BFloat16{});
+  else if (dt == at::kHalf) run(c10::Half{});
+  else TORCH_CHECK(false, "lte dense_masked_ffn: dtype ", dt, " is not float32/bfloat16/float16");
+  return b_down ? at::addmm(*b_down, up, w_down) : at::mm(up, w_down);
+}
 
 // The launcher: same signature as the op (see kernels/ops.py) minus nothing; returns y [T, d_out].
 torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor w_up,
@@ -727,5 +950,6 @@ bool bf16_dot_kernel() { return bf16_dp_supported(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_ffn_cpu", &sparse_ffn_cpu, "LTE gathered sparse FFN (CPU)");
+  m.def("dense_masked_ffn", &dense_masked_ffn, "LTE FFN: dense GEMMs, fused act*up*mask (CPU)");
   m.def("bf16_dot_kernel", &bf16_dot_kernel, "bf16 batches use the AVX512-BF16 path");
 }

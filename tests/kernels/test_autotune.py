@@ -60,14 +60,14 @@ def _install(tmp_path, clock, version=VERSION):
     return t
 
 
-@pytest.mark.parametrize("cpu_ms,ref_ms,want", [(1.0, 3.0, "cpu"), (3.0, 1.0, "reference"),
-                                                (1.0, 1.0, "reference"), (0.99, 1.0, "reference")])
+@pytest.mark.parametrize("cpu_ms,ref_ms,want", [(1.0, 3.0, "cpu"), (3.0, 1.0, "dense"),
+                                                (1.0, 1.0, "dense"), (0.99, 1.0, "dense")])
 def test_faster_candidate_chosen(fresh, monkeypatch, cpu_ms, ref_ms, want):
     """The faster path by median wins; a tie (within MARGIN) goes to dense, the safe path. The
     output returned is the call's own result (no extra call after timing)."""
     clock = Clock()
     monkeypatch.setitem(dispatch._KERNELS, "cpu", clock.kernel("cpu", cpu_ms / 1e3))
-    monkeypatch.setitem(dispatch._KERNELS, "reference", clock.kernel("reference", ref_ms / 1e3))
+    monkeypatch.setitem(dispatch._KERNELS, "dense", clock.kernel("dense", ref_ms / 1e3))
     tuner = _install(fresh, clock)
     args = _args(T=64)
     y = dispatch.sparse_ffn_forward(*args)
@@ -77,7 +77,7 @@ def test_faster_candidate_chosen(fresh, monkeypatch, cpu_ms, ref_ms, want):
     assert entry["kernel"] == want
     reps = entry["reps"]
     assert 1 <= reps <= autotune.MAX_REPS
-    assert clock.calls.count("cpu") == clock.calls.count("reference") == 1 + reps  # warm-up + reps
+    assert clock.calls.count("cpu") == clock.calls.count("dense") == 1 + reps  # warm-up + reps
     # interleaved: no two consecutive rounds start with the same candidate
     rounds = [clock.calls[2 + 2 * r] for r in range(reps)]
     assert all(a != b for a, b in zip(rounds, rounds[1:]))
@@ -91,7 +91,7 @@ def test_faster_candidate_chosen(fresh, monkeypatch, cpu_ms, ref_ms, want):
 def test_median_not_mean(fresh):
     """One slow outlier round does not flip the decision."""
     clock = Clock()
-    costs = {"cpu": iter([1e-3] + [1e-3, 1e-3, 50e-3, 1e-3, 1e-3]), "reference": iter([2e-3] * 6)}
+    costs = {"cpu": iter([1e-3] + [1e-3, 1e-3, 50e-3, 1e-3, 1e-3]), "dense": iter([2e-3] * 6)}
 
     def run(name):
         clock.now += next(costs[name])
@@ -118,7 +118,7 @@ def test_small_T_is_a_rule_without_timing(fresh, monkeypatch):
     """Decode (T <= SMALL_T) takes the gathered kernel even where dense would time faster."""
     clock = Clock()
     monkeypatch.setitem(dispatch._KERNELS, "cpu", clock.kernel("cpu", 9.0))
-    monkeypatch.setitem(dispatch._KERNELS, "reference", clock.kernel("reference", 1e-3))
+    monkeypatch.setitem(dispatch._KERNELS, "dense", clock.kernel("dense", 1e-3))
     tuner = _install(fresh, clock)
     for T in range(1, autotune.SMALL_T + 1):
         dispatch.sparse_ffn_forward(*_args(T=T, density=1.0))
@@ -128,11 +128,11 @@ def test_small_T_is_a_rule_without_timing(fresh, monkeypatch):
 def test_tiny_problem_uses_constant_rule(fresh, monkeypatch):
     clock = Clock()
     monkeypatch.setitem(dispatch._KERNELS, "cpu", clock.kernel("cpu", 1e-3))
-    monkeypatch.setitem(dispatch._KERNELS, "reference", clock.kernel("reference", 9.0))
+    monkeypatch.setitem(dispatch._KERNELS, "dense", clock.kernel("dense", 9.0))
     tuner = _install(fresh, clock)
     args = _args(T=64, d=4, E=2, B=4, density=1.0)  # T*N*d = 2048 < MIN_WORK; dense batch
     dispatch.sparse_ffn_forward(*args)
-    assert clock.calls == [dispatch.constant_rule(torch.float32, 64, 1.0)] == ["reference"]
+    assert clock.calls == [dispatch.constant_rule(torch.float32, 64, 1.0)] == ["dense"]
     assert tuner.measured == 0
 
 
@@ -176,7 +176,7 @@ def test_busy_machine_decision_not_written(fresh):
     path = fresh / "dispatch.json"
     t = autotune.Tuner(path, VERSION, timer=clock, busy=lambda: True)
     t.measure("k", lambda name: (setattr(clock, "now", clock.now + 1e-3), torch.zeros(1))[1])
-    assert t.lookup("k") == "reference" and not path.exists()
+    assert t.lookup("k") == "dense" and not path.exists()
     t.busy = lambda: False
     t.measure("k2", lambda name: (setattr(clock, "now", clock.now + 1e-3), torch.zeros(1))[1])
     assert set(json.loads(path.read_text())["entries"]) == {"k2"}
@@ -206,7 +206,7 @@ def test_clear_cache(fresh):
 def test_disabled_uses_constants(fresh, monkeypatch, how):
     clock = Clock()
     monkeypatch.setitem(dispatch._KERNELS, "cpu", clock.kernel("cpu", 9.0))
-    monkeypatch.setitem(dispatch._KERNELS, "reference", clock.kernel("reference", 1e-3))
+    monkeypatch.setitem(dispatch._KERNELS, "dense", clock.kernel("dense", 1e-3))
     tuner = _install(fresh, clock)
     sparse, dense = _args(T=64, density=0.1), _args(T=64, density=1.0)
     if how == "env":
@@ -221,18 +221,18 @@ def test_disabled_uses_constants(fresh, monkeypatch, how):
         assert not autotune.enabled()
         dispatch.sparse_ffn_forward(*sparse)
         dispatch.sparse_ffn_forward(*dense)
-    assert clock.calls == ["cpu", "reference"]  # the constant rule: T >= 32, density 0.1 / 1.0
+    assert clock.calls == ["cpu", "dense"]  # the constant rule: T >= 32, density 0.1 / 1.0
     assert tuner.measured == 0 and not tuner.path.exists()
 
 
 def test_set_kernel_still_forces(fresh, monkeypatch):
     clock = Clock()
     monkeypatch.setitem(dispatch._KERNELS, "cpu", clock.kernel("cpu", 1e-3))
-    monkeypatch.setitem(dispatch._KERNELS, "reference", clock.kernel("reference", 9.0))
+    monkeypatch.setitem(dispatch._KERNELS, "dense", clock.kernel("dense", 9.0))
     tuner = _install(fresh, clock)
-    with dispatch.set_kernel("reference"):
+    with dispatch.set_kernel("dense"):
         dispatch.sparse_ffn_forward(*_args(T=64))
-    assert clock.calls == ["reference"] and tuner.measured == 0
+    assert clock.calls == ["dense"] and tuner.measured == 0
 
 
 def test_real_kernels_agree_through_tuning(fresh):

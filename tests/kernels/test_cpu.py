@@ -26,10 +26,35 @@ def test_cpp_kernel_matches_naive(case):
 @needs_ext
 @settings(max_examples=examples(100))
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.bfloat16), min_T=16, max_T=80, max_E=5,
-                             expert_sizes=(8, 32)))
+                             expert_sizes=(3, 8, 32)))
 def test_cpp_kernel_matches_naive_many_tokens(case):
-    """Token chunks of 4, d tiles and several column tiles of the down phase all in play."""
+    """The register-blocked batch path: token chunks (kUpToks / kDownToks, partial last ones),
+    4- and 2-row up blocks with a one-row ragged end (odd B), d and column tails, several column
+    tiles of the down phase."""
     assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, "C++ kernel, many tokens")
+
+
+@needs_ext
+@settings(max_examples=examples(150))
+@given(case=sparse_ffn_cases(dtypes=DTYPES))
+def test_dense_path_matches_naive(case):
+    """The dense-then-mask path (dispatch "dense": GEMMs + the fused C++ act*up*mask pass):
+    empty, full and ragged masks, both modes, every activation, with and without biases."""
+    assert_matches_naive(cpu.dense_masked_ffn(*case.args()), case, "dense-then-mask path")
+
+
+@needs_ext
+def test_dense_path_keeps_nan_of_off_experts():
+    """Like the reference (h * 0 mask), an overflowing h of an OFF expert still makes y NaN:
+    the mask is a multiply, never a skip, so non-finite values are not hidden."""
+    T, d, E, B = 2, 8, 2, 8
+    x = torch.ones(T, d)
+    w_up = torch.full((E * B, d), 1e38)  # x W_up^T overflows to inf for every neuron
+    gates = torch.tensor([[0.9, 0.1], [0.9, 0.9]])
+    args = (x, gates, w_up, None, torch.ones(E * B, d), None, None, None, "relu", B, "hard", TAU)
+    ref = sparse_ffn_reference(*args)
+    assert ref[0].isnan().all() and ref[1].isinf().all()  # token 0 has an off expert, token 1 none
+    torch.testing.assert_close(cpu.dense_masked_ffn(*args), ref, equal_nan=True)
 
 
 @settings(max_examples=examples(500))
