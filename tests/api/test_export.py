@@ -73,21 +73,28 @@ def _dynamic_batch_and_seq():
 
 
 _LOAD_EXPORTED = """
-    import json, torch
+    import json, logging, torch
     from safetensors.torch import load_file, save_file
+    logging.disable(logging.WARNING)  # torch.export.load logs the failure below at length
+    try:  # before the import, lte::sparse_ffn is unknown
+        torch.export.load("model.pt2")
+        error = None
+    except RuntimeError as e:
+        error = repr(e.__cause__ or e)
     import lte_compile  # registers the lte:: ops the program calls
     program = torch.export.load("model.pt2")
     calls = sum(1 for n in program.graph.nodes if n.target is torch.ops.lte.sparse_ffn.default)
     with torch.no_grad():
         out = {k: program.module()(v) for k, v in load_file("inputs.safetensors").items()}
     save_file(out, "outputs.safetensors")
-    print(json.dumps({"sparse_ffn_calls": calls}))
+    print(json.dumps({"sparse_ffn_calls": calls, "error_without_import": error}))
 """
 
 
 def test_export_save_load_in_a_fresh_process(stack, inputs, tmp_path):
     """Every FFN is one lte::sparse_ffn call (no masked dense FFN left); the saved program loads
-    in a new process and gives the same outputs, at the exported and at other batch/length."""
+    in a new process (once lte_compile is imported: not before) and gives the same outputs, at
+    the exported and at another batch/length."""
     before = models.snapshot(stack)
     ep = lte.export(stack, (inputs["x"],), dynamic_shapes=_dynamic_batch_and_seq())
     models.assert_state_unchanged(stack, before)
@@ -100,6 +107,7 @@ def test_export_save_load_in_a_fresh_process(stack, inputs, tmp_path):
         torch.testing.assert_close(in_process[name], y, rtol=1e-5, atol=1e-6, msg=f"{name}: export vs eager")
     torch.export.save(ep, tmp_path / "model.pt2")
     report = _run_fresh_process(_LOAD_EXPORTED, tmp_path, inputs)
+    assert report["error_without_import"] is not None, "loaded without the lte:: ops registered?"
     assert report["sparse_ffn_calls"] == FFNS
     loaded = load_file(tmp_path / "outputs.safetensors")
     for name, y in in_process.items():
@@ -178,6 +186,11 @@ def test_package_refuses_a_program_with_dense_ffns(inputs, tmp_path):
 _LOAD_PACKAGE = """
     import json, torch
     from safetensors.torch import load_file, save_file
+    try:  # before the import, the package's lte::sparse_ffn calls have no schema
+        torch._inductor.aoti_load_package("model.pt2")
+        error = None
+    except RuntimeError as e:
+        error = str(e)
     import lte_compile
     from lte_compile.kernels import cpu, dispatch
 
@@ -200,17 +213,8 @@ _LOAD_PACKAGE = """
             out[name] = runner(x)
             calls_by_input[name] = dict(calls)
     save_file(out, "outputs.safetensors")
-    print(json.dumps({"calls": calls_by_input, "cpp_kernel": cpu.extension_available()}))
-"""
-
-_LOAD_PACKAGE_WITHOUT_IMPORT = """
-    import json, torch
-    try:
-        torch._inductor.aoti_load_package("model.pt2")
-        error = None
-    except RuntimeError as e:
-        error = str(e)
-    print(json.dumps({"error": error}))
+    print(json.dumps({"calls": calls_by_input, "cpp_kernel": cpu.extension_available(),
+                      "error_without_import": error}))
 """
 
 
@@ -226,15 +230,14 @@ def _package_extern_ops(path: Path) -> list[str]:
 def test_aoti_package_runs_the_sparse_kernel_in_a_fresh_process(stack, inputs, tmp_path):
     """The .pt2 calls lte::sparse_ffn once per FFN; loaded in a new process that imported
     lte_compile, each call reaches the C++ gathered kernel, and the outputs match eager hard mode.
-    Without the import the package does not load (the op is registered from Python)."""
+    Before the import the package does not load (the op is registered from Python)."""
     path = lte.package(stack, tmp_path / "model.pt2", (inputs["x"],), dynamic_shapes=_dynamic_batch_and_seq())
     assert path == str(tmp_path / "model.pt2")
     assert _package_extern_ops(Path(path)) == ["lte::sparse_ffn"] * FFNS
     report = _run_fresh_process(_LOAD_PACKAGE, tmp_path, inputs)
+    assert "lte::sparse_ffn" in (report["error_without_import"] or ""), report
     assert report["cpp_kernel"], "the C++ extension did not build in the fresh process"
     assert report["calls"] == {name: {"cpu": FFNS} for name in inputs}, report["calls"]
     loaded = load_file(tmp_path / "outputs.safetensors")
     for name, y in _eager(stack, inputs).items():
         torch.testing.assert_close(loaded[name], y, rtol=1e-5, atol=1e-6, msg=f"{name}: AOTI vs eager")
-    report = _run_fresh_process(_LOAD_PACKAGE_WITHOUT_IMPORT, tmp_path, inputs)
-    assert "lte::sparse_ffn" in (report["error"] or ""), report
