@@ -22,10 +22,15 @@ Loading either artifact needs the `lte::` ops registered, i.e. `import lte_compi
 process: they are Python `torch.library.custom_op`s. AOTInductor calls them through its proxy
 executor, which goes through the dispatcher into the Python op and so into the C++ CPU kernel
 (`kernels/cpu.py`). Without the import, `torch.export.load` fails on the unknown operator and
-`aoti_load_package` raises "Could not find schema for lte::sparse_ffn". So the Python op stays on
-the per-call path (measured on a busy 2-core AVX2 machine, 16 tokens, d 64, N 256: one op call
-from Python 0.48 ms, the C++ kernel alone 0.07 ms); a Python-free runtime needs the op and its
-CPU kernel registered in C++ (`TORCH_LIBRARY`), which this module does not do.
+`aoti_load_package` raises "Could not find schema for lte::sparse_ffn". So in Python the op's
+Python wrapper stays on the per-call path (measured on a busy 2-core AVX2 machine, 16 tokens,
+d 64, N 256: one op call from Python 0.48 ms, the C++ kernel alone 0.07 ms).
+
+Without Python (a C++ program using torch::inductor::AOTIModelPackageLoader), the op must be
+registered in C++: `build_cpp_library(path)` compiles kernels/csrc/sparse_ffn_library.cpp
+(`TORCH_LIBRARY(lte)`: the same schema, the gathered CPU kernel, the NaN-row policy) into a shared
+library that links libtorch only; load it into that program (link or dlopen) before the package.
+Never load it into a Python process that imported lte_compile: both would define the schema.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ import contextlib
 import inspect
 import logging
 import os
+import shutil
+import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +145,38 @@ def _check_sparse_program(ep: torch.export.ExportedProgram) -> None:
             f"lte.package: the program has {calls} lte::sparse_ffn call(s) and {markers} lte.apply_gates "
             "marker(s) (FFNs that would run masked dense); pass the prepared model in hard mode or the "
             "program lte.export returned, not a plain torch.export.export of the model")
+
+
+def build_cpp_library(path: str | os.PathLike) -> Path:
+    """Compile the C++ registration of `lte::sparse_ffn` (kernels/csrc/sparse_ffn_library.cpp)
+    into the shared library `path`, for running `lte.package` artifacts without Python.
+
+    Flags as for the Python extension (this CPU's ISA level from `kernels.cpu.isa()`, -fopenmp
+    bound to torch's own libgomp); links libtorch, not libtorch_python. Takes a minute or more.
+    """
+    from .kernels import cpu
+
+    csrc = Path(cpu.__file__).resolve().parent / "csrc"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise ConfigError("CXX", cxx, "a C++ compiler on PATH", "install g++ (AOTInductor needs it too)")
+    path = Path(path)
+    cmd = [cxx, "-std=c++20", "-O3", *cpu.isa()[1], "-fopenmp", "-fPIC", "-shared",
+           f"-I{csrc / 'no_python'}",  # first: its torch/extension.h replaces the Python one
+           str(csrc / "sparse_ffn_library.cpp"), *libtorch_flags(), "-o", str(path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return path
+
+
+def libtorch_flags() -> list[str]:
+    """g++ flags to compile and link C++ against this torch: headers, ABI, libtorch, rpath."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    (lib,) = library_paths()
+    gomp = [str(p) for p in Path(lib).glob("libgomp*.so*")][:1]  # torch's own OpenMP runtime
+    return [*(f"-I{p}" for p in include_paths()),
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", *gomp, f"-Wl,-rpath,{lib}"]
 
 
 def count_ops(graph: torch.fx.Graph, name: str) -> int:

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lte_compile as lte
-from lte_compile.deploy import count_ops
+from lte_compile.deploy import build_cpp_library, count_ops, libtorch_flags
 from tests import models
 
 FFNS = 2
@@ -226,14 +228,20 @@ def _package_extern_ops(path: Path) -> list[str]:
         return [node["node"]["target"] for node in json.loads(z.read(name))["nodes"]]
 
 
+@pytest.fixture(scope="module")
+def aoti_package(stack, inputs, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("aoti") / "model.pt2"
+    assert lte.package(stack, path, (inputs["x"],), dynamic_shapes=_dynamic_batch_and_seq()) == str(path)
+    return path
+
+
 @pytest.mark.slow
-def test_aoti_package_runs_the_sparse_kernel_in_a_fresh_process(stack, inputs, tmp_path):
+def test_aoti_package_runs_the_sparse_kernel_in_a_fresh_process(stack, inputs, aoti_package, tmp_path):
     """The .pt2 calls lte::sparse_ffn once per FFN; loaded in a new process that imported
     lte_compile, each call reaches the C++ gathered kernel, and the outputs match eager hard mode.
     Before the import the package does not load (the op is registered from Python)."""
-    path = lte.package(stack, tmp_path / "model.pt2", (inputs["x"],), dynamic_shapes=_dynamic_batch_and_seq())
-    assert path == str(tmp_path / "model.pt2")
-    assert _package_extern_ops(Path(path)) == ["lte::sparse_ffn"] * FFNS
+    assert _package_extern_ops(aoti_package) == ["lte::sparse_ffn"] * FFNS
+    shutil.copy(aoti_package, tmp_path / "model.pt2")
     report = _run_fresh_process(_LOAD_PACKAGE, tmp_path, inputs)
     assert "lte::sparse_ffn" in (report["error_without_import"] or ""), report
     assert report["cpp_kernel"], "the C++ extension did not build in the fresh process"
@@ -241,3 +249,50 @@ def test_aoti_package_runs_the_sparse_kernel_in_a_fresh_process(stack, inputs, t
     loaded = load_file(tmp_path / "outputs.safetensors")
     for name, y in _eager(stack, inputs).items():
         torch.testing.assert_close(loaded[name], y, rtol=1e-5, atol=1e-6, msg=f"{name}: AOTI vs eager")
+
+
+_CPP_RUNNER = r"""
+// runner PACKAGE IN.f32 OUT.f32 DIM...: runs an AOTInductor package on one float32 input, no Python
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <ATen/ATen.h>
+#include <cstdio>
+#include <fstream>
+#include <vector>
+
+int main(int argc, char** argv) {
+  std::vector<int64_t> shape;
+  for (int i = 4; i < argc; ++i) shape.push_back(std::stoll(argv[i]));
+  at::Tensor x = at::empty(shape, at::kFloat);
+  std::ifstream(argv[2], std::ios::binary).read(reinterpret_cast<char*>(x.data_ptr<float>()), x.nbytes());
+  torch::inductor::AOTIModelPackageLoader loader(argv[1]);
+  at::Tensor y = loader.run({x}).at(0).contiguous();
+  std::ofstream(argv[3], std::ios::binary).write(reinterpret_cast<const char*>(y.data_ptr<float>()), y.nbytes());
+  return 0;
+}
+"""
+
+
+@pytest.mark.slow
+def test_aoti_package_runs_without_python(stack, inputs, aoti_package, tmp_path):
+    """A C++ program that links no Python loads the package with the C++ registration of
+    lte::sparse_ffn (build_cpp_library, kernels/csrc/sparse_ffn_library.cpp) and matches eager
+    hard mode; without that library it cannot load the package."""
+    lib = build_cpp_library(tmp_path / "liblte_ops.so")
+    (tmp_path / "runner.cpp").write_text(_CPP_RUNNER)
+    runner = tmp_path / "runner"
+    subprocess.run([os.environ.get("CXX", "c++"), "-std=c++20", "-O1", str(tmp_path / "runner.cpp"),
+                    *libtorch_flags(), "-o", str(runner)], check=True, capture_output=True)
+    for binary in (runner, lib):
+        linked = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
+        assert "libpython" not in linked and "libtorch_python" not in linked, f"{binary.name}:\n{linked}"
+    env = {"LD_PRELOAD": str(lib), "OMP_NUM_THREADS": "1"}  # the registration runs when it loads
+    eager = _eager(stack, inputs)
+    for name, x in inputs.items():
+        x.numpy().tofile(tmp_path / "x.f32")
+        subprocess.run([str(runner), str(aoti_package), str(tmp_path / "x.f32"), str(tmp_path / "y.f32"),
+                        *map(str, x.shape)], check=True, env=env, timeout=120)
+        y = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).reshape(eager[name].shape)
+        torch.testing.assert_close(y, eager[name], rtol=1e-5, atol=1e-6, msg=f"{name}: C++ runner vs eager")
+    alone = subprocess.run([str(runner), str(aoti_package), str(tmp_path / "x.f32"), str(tmp_path / "y.f32"),
+                            *map(str, inputs["decode"].shape)], capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and "Could not find schema for lte::sparse_ffn" in alone.stderr
