@@ -28,6 +28,7 @@ Scorers other than the linear one are for measurement in-process: `lte.save` sto
 """
 from __future__ import annotations
 
+import copy
 import logging
 import zlib
 from dataclasses import dataclass, replace
@@ -184,7 +185,8 @@ def _swap_scorers(model: nn.Module, make) -> dict[str, nn.Module]:
 
 def _restore_scorers(model: nn.Module, old: dict[str, nn.Module]) -> None:
     for name, r in routers(model).items():
-        r.linear = old[name]
+        if name in old:
+            r.linear = old[name]
 
 
 def _heldout_report(rule: str, model: nn.Module, held, fit_loss=None, shift: float = 0.0) -> SelectionReport:
@@ -205,17 +207,22 @@ def select_experts(model: nn.Module, rule: str, data: Any, *, target_sparsity: f
     if rule not in RULES:
         raise ConfigError("rule", rule, f"one of {RULES}", "LTE itself is lte.train")
     controller = check_fit_args(model, target_sparsity, tolerance, steps)
-    if rule == "moefication":
-        r = fit_routers(model, data, target_sparsity=target_sparsity, eval_data=eval_data, batches=batches,
-                        seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, steps=steps, lr=lr,
-                        tolerance=tolerance, seed=seed)
-        return SelectionReport(rule, r.sparsity, r.sparsity_per_layer, r.fit_loss, r.bias_shift)
     if rule == "dejavu" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError("rank", rank, "an integer >= 1 (the Deja Vu predictor's bottleneck)")
     train, held = split_fit_data(data, eval_data, batches=batches, seq_len=seq_len, batch_size=batch_size)
     device = next(model.parameters()).device
-    old = _swap_scorers(model, _scorer_factory(model, rule, target_sparsity, rank, seed, device))
+    make = _scorer_factory(model, rule, target_sparsity, rank, seed, device)
+    if rule == "moefication" and all(isinstance(r.linear, nn.Linear) for r in routers(model).values()):
+        # fit the linear routers in place (another rule's scorer is replaced by a fresh one); keep copies
+        old = {name: copy.deepcopy(r.linear) for name, r in routers(model).items()}
+    else:
+        old = _swap_scorers(model, make)
     try:
+        if rule == "moefication":
+            r = fit_routers(model, data, target_sparsity=target_sparsity, eval_data=eval_data, batches=batches,
+                            seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, steps=steps, lr=lr,
+                            tolerance=tolerance, seed=seed)
+            return SelectionReport(rule, r.sparsity, r.sparsity_per_layer, r.fit_loss, r.bias_shift)
         return _apply_rule(model, rule, train, held, controller, max_tokens, steps, lr)
     except BaseException:
         _restore_scorers(model, old)
@@ -229,7 +236,7 @@ def _scorer_factory(model: nn.Module, rule: str, target: float, rank: int, seed:
         return lambda r: OracleScorer(model, r, topk_for(target, r.num_experts))
     if rule == "oracle_threshold":
         return lambda r: OracleScorer(model, r, None)
-    return lambda r: _random_linear(r, seed, device)
+    return lambda r: _random_linear(r, seed, device)  # random; moefication's fresh linear router
 
 
 def _random_linear(router: LTERouter, seed: int, device) -> nn.Linear:

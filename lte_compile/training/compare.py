@@ -390,7 +390,7 @@ def load_model_and_data(model: str, quick: bool) -> tuple[nn.Module, Tensor, Ten
     """(dense model, training tokens, held-out tokens, model header). `model`: llama | gpt2 | a
     directory written by lte_compile.small_lm.model; --quick: a tiny random Llama on one training
     and one held-out work (the whole corpus takes ~10 s to tokenize)."""
-    from ..small_lm.corpus import encode_texts, load_works, split_works
+    from ..small_lm.corpus import asset_path, encode_texts, load_works, split_works
     from ..small_lm.model import EOS, corpus_tokens, load_small_lm, load_tokenizer
 
     if quick:
@@ -406,7 +406,7 @@ def load_model_and_data(model: str, quick: bool) -> tuple[nn.Module, Tensor, Ten
                               "(with config.json and model.safetensors)")
         dense, tok = load_small_lm(arch or "llama", path)
         train_ids, val_ids = corpus_tokens(tok)
-        info_path = (path or Path(__file__).resolve().parent.parent / "small_lm" / "assets" / arch) / "train_info.json"
+        info_path = (path or asset_path(arch)) / "train_info.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         name = f"small LM {model} ({type(dense).__name__})"
     header = {"name": name, "params": sum(p.numel() for p in dense.parameters()),

@@ -130,6 +130,10 @@ def test_select_experts_checks_input_and_leaves_the_routers_on_error(data, prepa
     with pytest.raises(ConfigError, match="eval_data"):
         select_experts(model, "random", [{"input_ids": torch.zeros(1, 8, dtype=torch.long)}], target_sparsity=0.5)
     assert [r.linear for r in lte.routers(model).values()] == linears
+    select_experts(model, "oracle_threshold", data[0], eval_data=data[1], target_sparsity=0.5, **FIT)
+    report = select_experts(model, "moefication", data[0], eval_data=data[1], target_sparsity=0.5, **FIT)
+    assert all(type(r.linear) is torch.nn.Linear for r in lte.routers(model).values())  # the oracle is replaced
+    assert abs(report.sparsity - 0.5) <= 0.02
 
 
 def test_stage2_adaptation_keeps_the_rule_and_its_sparsity(data, prepared):
