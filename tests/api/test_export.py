@@ -3,7 +3,8 @@ AOTInductor package, each loaded in a fresh process (lte_compile/deploy.py).
 
 The model is the tiniest that exercises the path: two ReLU MLPs with biases (d 16, d_ff 64, 2
 experts of 32 each) in sequence, so the second FFN reads the first one's rewritten output.
-The AOTInductor test runs g++ (about a minute on 2 cores): it is marked slow.
+The AOTInductor tests run g++ (the package about a minute on 2 cores; the C++ registration
+library and a Python-free runner two more): they are marked slow and share one package.
 """
 from __future__ import annotations
 
