@@ -229,6 +229,20 @@ def select_experts(model: nn.Module, rule: str, data: Any, *, target_sparsity: f
         raise
 
 
+def retarget(model: nn.Module, rule: str, eval_data: Any, *, target_sparsity: float, batches: int = 8,
+             seq_len: int = 256, batch_size: int = 8, tolerance: float = 0.02) -> SelectionReport:
+    """Move a model already selected with `rule` to another target without refitting: the
+    predictor is target-independent, so only the bias is recalibrated (top-k: k is reset)."""
+    controller = SparsityController(target_sparsity, tolerance)
+    held = split_fit_data(eval_data, eval_data, batches=batches, seq_len=seq_len, batch_size=batch_size)[1]
+    if rule == "oracle_topk":
+        for r in routers(model).values():
+            r.linear.k = topk_for(target_sparsity, r.num_experts)
+        return _heldout_report(rule, model, held)
+    calibrate_heldout(model, held, controller)
+    return _heldout_report(rule, model, held, shift=controller.shift)
+
+
 def _scorer_factory(model: nn.Module, rule: str, target: float, rank: int, seed: int, device):
     if rule == "dejavu":
         return lambda r: LowRankScorer(r.spec.d_model, rank, r.num_experts, seed=seed, device=device)

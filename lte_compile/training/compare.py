@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .baselines import RULES, flops_of_scorer, select_experts, stage2_config
+from .baselines import RULES, flops_of_scorer, retarget, select_experts, stage2_config
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -55,13 +55,16 @@ TOLERANCE = 0.02
 
 @dataclass
 class SweepSettings:
-    """Budget and measurement settings of one sweep (defaults: the full sweep, sized for <= 60 min
-    on 2 idle cores with the shipped 5.2M-parameter Llama; see `main`)."""
+    """Budget and measurement settings of one sweep. The defaults are the full sweep, sized for
+    <= 60 min on 2 idle cores with the shipped 5.2M-parameter Llama. Measured on the 2-core AVX2
+    EPYC, one thread on a free core: a training step (8 x 256 tokens) 1.8 s; fitting MoEfication /
+    Deja Vu once 40 / 60 s; a held-out calibration 10-25 s. Six stage-2 runs per target dominate:
+    5 targets x (steps1 + 6 steps2) steps, + steps1 + steps2 for the dense fine-tune."""
 
     targets: tuple[float, ...] = DEFAULT_TARGETS
     methods: tuple[str, ...] = BASE_METHODS
-    steps1: int = 100
-    steps2: int = 50
+    steps1: int = 80
+    steps2: int = 40
     batch_size: int = 8
     seq_len: int = 256
     eval_batches: int = 8
@@ -117,12 +120,17 @@ def ffn_flops_per_token(model: nn.Module, sparsity_per_layer: dict[str, float] |
     return total
 
 
-def _measure(model: nn.Module, val_ids: Tensor, st: SweepSettings, prepared: nn.Module | None = None
-             ) -> dict[str, Any]:
+def _measure(model: nn.Module, val_ids: Tensor, st: SweepSettings, prepared: nn.Module | None = None,
+             result: Any = None) -> dict[str, Any]:
     """Held-out numbers of `model`: hard mode, or dense when `prepared` (a prepared twin that gives
-    the FFN shapes for the FLOPs) is given."""
+    the FFN shapes for the FLOPs) is given. `result`: the TrainResult of a run that just measured
+    the same held-out batches in hard mode (its numbers are taken, not measured again)."""
     from .evaluate import evaluate
 
+    if result is not None:
+        return {"sparsity": result.sparsity, "sparsity_per_layer": result.sparsity_per_layer,
+                "loss": result.eval_loss, "ppl": result.eval_ppl,
+                "flops_per_token": ffn_flops_per_token(model, result.sparsity_per_layer)}
     mode = "hard" if prepared is None else "dense"
     ev = evaluate(model, val_ids, mode=mode, seq_len=st.seq_len, batch_size=st.batch_size, max_batches=st.eval_batches)
     per_layer = ev.get("sparsity_per_layer") if prepared is None else None
@@ -145,12 +153,15 @@ class _Sweep:
         self.teacher = dense if st.kd_weight > 0 else None
         self.rows: list[dict[str, Any]] = []
         self.decode_models: dict[float, dict[str, nn.Module]] = {}
+        self.fitted: dict[str, nn.Module] = {}  # rule -> selected model at the first target (refit never)
 
-    def row(self, method: str, target: float | None, model: nn.Module, clock: tuple[float, float], **extra) -> None:
+    def row(self, method: str, target: float | None, model: nn.Module, clock: tuple[float, float], result=None,
+            **extra) -> None:
         """Measure `model` and record it; `clock` = (wall, CPU) seconds when this method's step began."""
         seconds, cpu_s = time.perf_counter() - clock[0], time.process_time() - clock[1]
+        measured = _measure(model, self.val_ids, self.st, self.base if target is None else None, result)
         rec = {"method": method, "label": LABELS[method.removesuffix("+S2")] + (" +S2" if method.endswith("+S2") else ""),
-               "target": target, **_measure(model, self.val_ids, self.st, self.base if target is None else None),
+               "target": target, **measured,
                "seconds": round(seconds, 1), "cpu_s": round(cpu_s, 1), **extra}
         rec["within_tolerance"] = None if target is None or method.startswith("oracle_topk") else \
             abs(rec["sparsity"] - target) <= TOLERANCE
@@ -176,22 +187,36 @@ class _Sweep:
         self.say(f"target sparsity {target}")
         kept = {}
         for method in self.st.methods:
-            model, t0 = copy.deepcopy(self.base), _clock()
-            first = "lte_s1" if method == "lte" else method
+            t0, first, result = _clock(), "lte_s1" if method == "lte" else method, None  # clock includes fitting
             if method == "lte":
-                self.train(model, replace(self.cfg, stage2_steps=0, target_sparsity=target))
+                model = copy.deepcopy(self.base)
+                result = self.train(model, replace(self.cfg, stage2_steps=0, target_sparsity=target))
             else:
-                select_experts(model, method, self.train_ids, eval_data=self.val_ids, target_sparsity=target,
-                               batches=self.st.fit_batches, seq_len=self.st.seq_len, batch_size=self.st.batch_size,
-                               steps=self.st.fit_steps, rank=self.st.rank, tolerance=TOLERANCE, seed=self.st.seed)
-            self.row(first, target, model, t0)
+                model = self.select(method, target)
+            self.row(first, target, model, t0, result)
             t0 = _clock()
-            self.train(model, stage2_config(self.cfg, method, target))
-            self.row("lte" if method == "lte" else f"{method}+S2", target, model, t0, steps2=self.st.steps2)
+            result = self.train(model, stage2_config(self.cfg, method, target))
+            self.row("lte" if method == "lte" else f"{method}+S2", target, model, t0, result, steps2=self.st.steps2)
             if method in ("lte", "dejavu") or (method in ("moefication", "random") and "lte" not in self.st.methods):
                 kept[method] = model  # decode-speed stand-ins (see decode); the other copies are dropped
         self.decode_models[target] = {kind: kept[m] for kind, m in (("linear", _linear_model(kept)),
                                                                      ("dejavu", "dejavu")) if m in kept}
+
+    def select(self, rule: str, target: float) -> nn.Module:
+        """A copy of the prepared model under `rule` at `target`: fitted at the first target, then
+        only recalibrated (the predictors do not depend on the target)."""
+        st = self.st
+        if rule not in self.fitted:
+            model = copy.deepcopy(self.base)
+            select_experts(model, rule, self.train_ids, eval_data=self.val_ids, target_sparsity=target,
+                           batches=st.fit_batches, seq_len=st.seq_len, batch_size=st.batch_size, steps=st.fit_steps,
+                           rank=st.rank, tolerance=TOLERANCE, seed=st.seed)
+            self.fitted[rule] = model
+            return copy.deepcopy(model)
+        model = copy.deepcopy(self.fitted[rule])
+        retarget(model, rule, self.val_ids, target_sparsity=target, batches=st.fit_batches, seq_len=st.seq_len,
+                 batch_size=st.batch_size, tolerance=TOLERANCE)
+        return model
 
     def run(self) -> list[dict[str, Any]]:
         self.dense_rows()
