@@ -467,7 +467,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny random model, 2 targets, a few steps")
     p.add_argument("--out", default="benchmarks/quality", help="directory for table.md, ppl_vs_sparsity.png, results.json")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="combine the results.json of sweeps run in parallel (e.g. one process per core, each with "
+                        "its own --targets) into one table and plot in --out; runs nothing")
     return p
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from sweeps of disjoint targets run in parallel with the same settings: the dense
+    rows of the first, every target row, wall time the longest part's, CPU time the sum."""
+    keys = [k for k in parts[0]["settings"] if k != "targets"]
+    for part in parts[1:]:
+        differ = [k for k in keys if part["settings"].get(k) != parts[0]["settings"][k]]
+        if differ or part["header"]["model"] != parts[0]["header"]["model"]:
+            raise ConfigError("merge", differ or "model", "sweeps of the same model and settings (only --targets differ)")
+    targets = [t for part in parts for t in part["settings"]["targets"]]
+    if len(set(targets)) != len(targets):
+        raise ConfigError("merge", targets, "sweeps of disjoint targets")
+    rows = [r for r in parts[0]["rows"] if r["target"] is None]
+    rows += sorted((r for part in parts for r in part["rows"] if r["target"] is not None), key=lambda r: r["target"])
+    header = {**parts[0]["header"], "command": " & ".join(p["header"]["command"] for p in parts) + " (in parallel)",
+              "wall_s": max(p["header"]["wall_s"] for p in parts), "cpu_s": sum(p["header"]["cpu_s"] for p in parts)}
+    return {"header": header, "settings": {**parts[0]["settings"], "targets": sorted(targets)}, "rows": rows}
 
 
 def settings_from(args: argparse.Namespace) -> SweepSettings:
@@ -484,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import LTEError
 
     args = parser().parse_args(argv)
+    if args.merge:
+        return _merge_main(args.merge, Path(args.out))
     try:
         st = settings_from(args)  # settings first: a bad value is reported before anything loads
         st.train_config()
@@ -500,6 +523,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(old_threads)
     paths = write_outputs(results, Path(args.out))
+    print(markdown_table(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _merge_main(dirs: list[str], out: Path) -> int:
+    import sys
+
+    missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        print(f"lte compare: error: no results.json in {missing}; give directories written by lte compare --out",
+              file=sys.stderr)
+        return 2
+    try:
+        results = merge_results([json.loads((Path(d) / "results.json").read_text()) for d in dirs])
+    except ConfigError as e:
+        print(f"lte compare: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    paths = write_outputs(results, out)
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

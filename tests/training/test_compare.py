@@ -67,3 +67,28 @@ def test_bad_settings_are_one_line_errors(capsys):
     assert "methods" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="steps2"):
         SweepSettings(steps2=0)
+
+
+def test_merge_combines_parallel_sweeps_of_disjoint_targets(quick_run, tmp_path, capsys):
+    """Two halves of the smoke sweep (split by target) merge back into one complete table; sweeps of
+    different settings or overlapping targets are refused in one line."""
+    _, results = quick_run
+    dirs = []
+    for i, targets in enumerate(([QUICK["targets"][0]], list(QUICK["targets"][1:]))):
+        part = json.loads(json.dumps(results))
+        part["settings"]["targets"] = targets
+        part["rows"] = [r for r in part["rows"] if r["target"] is None or r["target"] in targets]
+        part["header"]["wall_s"], part["header"]["cpu_s"] = 10.0 * (i + 1), 7.0
+        (tmp_path / f"p{i}").mkdir()
+        (tmp_path / f"p{i}" / "results.json").write_text(json.dumps(part))
+        dirs.append(str(tmp_path / f"p{i}"))
+    out = tmp_path / "merged"
+    assert cli.main(["compare", "--merge", *dirs, "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    key = lambda r: (r["method"], r["target"])  # noqa: E731
+    assert sorted(map(key, merged["rows"]), key=str) == sorted(map(key, results["rows"]), key=str)
+    assert merged["header"]["wall_s"] == 20.0 and merged["header"]["cpu_s"] == 14.0
+    assert (out / "ppl_vs_sparsity.png").stat().st_size > 0
+    capsys.readouterr()
+    assert cli.main(["compare", "--merge", dirs[0], dirs[0], "--out", str(tmp_path / "bad")]) == 2
+    assert "disjoint targets" in capsys.readouterr().err and not (tmp_path / "bad").exists()
