@@ -13,6 +13,8 @@ steps as calls, `route_ffn_input` and `gate_ffn_hidden`, inside its module's rew
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -44,6 +46,9 @@ class LTERouter(nn.Module):
         self.num_experts = spec.d_ff // expert_size
         self._tau = float(tau)
         self.mode = "dense"
+        self.observer: Callable[[str, Tensor], None] | None = None
+        """Called with ('x', FFN input) and ('h', hidden activations) by a functional FFN's rewritten
+        forward in every mode (what hooks on projection modules give `lte.fit_routers`); eager only."""
         self.linear = nn.Linear(spec.d_model, self.num_experts, device=device, dtype=_router_dtype(dtype))
         self.register_buffer("permutation", torch.arange(spec.d_ff, device=device), persistent=True)
         self.last_gates: Tensor | None = None
@@ -127,6 +132,8 @@ class GateHook:
 # FFN with F.linear/@/einsum on parameters (plan/functional.py) calls them at the same two points.
 def route_ffn_input(router: LTERouter, x: Tensor) -> Tensor | None:
     """G = router(x) stored as `last_gates` (for lte.gates and the losses); None in dense mode."""
+    if router.observer is not None:
+        router.observer("x", x)
     if router.mode == "dense":
         return None
     router.last_gates = router(x)
@@ -138,6 +145,8 @@ def gate_ffn_hidden(router: LTERouter, h: Tensor, gates: Tensor | None) -> Tenso
 
     Gates follow x's leading dims; an FFN that flattened its tokens (`x.view(-1, d) @ w.t()`) has h
     with the same tokens in another shape, so the gates take h's leading dims."""
+    if router.observer is not None:
+        router.observer("h", h)
     if router.mode == "dense" or gates is None:
         return h
     if gates.shape[:-1] != h.shape[:-1]:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, NotPreparedError
 from ..plan import config_of, get_mode, is_prepared, routers, set_mode
+from ..plan.prepare import hookable
 from ..plan.router import LTERouter
 from .batches import TokenBatches, eval_list, prepare_batch
 from .controller import SparsityController
@@ -57,10 +58,22 @@ class _Collector:
         self.xs: dict[str, list[Tensor]] = {}
         self.ys: dict[str, list[Tensor]] = {}
         self.handles = []
+        self.observed: list[LTERouter] = []
         for name, r in routers(model).items():
             spec = r.spec
+            if not hookable(model, spec):  # a functional FFN: its rewritten forward reports x and h
+                r.observer = self._observer(name, r)
+                self.observed.append(r)
+                continue
             self.handles.append(model.get_submodule(spec.up.module).register_forward_hook(self._x_hook(name)))
             self.handles.append(model.get_submodule(spec.down.module).register_forward_pre_hook(self._h_hook(name, r)))
+
+    def _observer(self, name: str, r: LTERouter):
+        x_hook, h_hook = self._x_hook(name), self._h_hook(name, r)
+
+        def observe(kind: str, t: Tensor) -> None:
+            x_hook(None, (t,), None) if kind == "x" else h_hook(None, (t,))
+        return observe
 
     def _x_hook(self, name: str):
         def hook(module, args, output):
@@ -81,6 +94,8 @@ class _Collector:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for r in self.observed:
+            r.observer = None
 
 
 def fit_scorer(scorer: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> float:

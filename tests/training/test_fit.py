@@ -55,3 +55,38 @@ def test_fit_routers_checks_its_input():
         lte.fit_routers(tiny_llama(prepare=False), token_stream(), target_sparsity=0.5)
     with pytest.raises(ConfigError, match="target_sparsity"):
         lte.fit_routers(tiny_llama(), token_stream(), target_sparsity=1.5)
+
+
+class _FunctionalMLP(torch.nn.Module):
+    """A Llama MLP written with F.linear on its own parameters (the same weights as `mlp`)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(mlp.gate_proj.weight.detach().clone())
+        self.w3 = torch.nn.Parameter(mlp.up_proj.weight.detach().clone())
+        self.w2 = torch.nn.Parameter(mlp.down_proj.weight.detach().clone())
+
+    def forward(self, x):
+        F = torch.nn.functional
+        return F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
+
+
+def test_fit_routers_on_functional_ffns_learns_what_it_learns_on_module_ffns():
+    """A functional FFN's rewritten forward reports x and h to the fit (no projection modules to hook):
+    the same weights written with F.linear fit the same routers as with nn.Linear modules."""
+    modular = tiny_llama(prepare=False)
+    functional = tiny_llama(prepare=False)
+    for layer in functional.model.layers:
+        layer.mlp = _FunctionalMLP(layer.mlp)
+    ids, held = token_stream(6000), token_stream(2000, seed=1)
+    fitted = {}
+    for name, model in (("modular", modular), ("functional", functional)):
+        lte.prepare(model, lte.Config(expert_size=16))
+        report = lte.fit_routers(model, ids, eval_data=held, target_sparsity=0.5, batches=2, seq_len=32,
+                                 batch_size=4, steps=30)
+        assert abs(report.sparsity - 0.5) <= 0.02, (name, report)
+        fitted[name] = {k: r.linear.weight.detach().clone() for k, r in lte.routers(model).items()}
+    assert fitted["modular"].keys() == fitted["functional"].keys()
+    for k, w in fitted["modular"].items():
+        torch.testing.assert_close(fitted["functional"][k], w, rtol=1e-4, atol=1e-5)
+    assert all(r.observer is None for r in lte.routers(functional).values())
