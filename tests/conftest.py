@@ -46,3 +46,18 @@ def no_global_state_leak():
     after = _global_torch_state()
     changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert not changed, f"the test changed global torch state (before, after): {changed}"
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The activation name of every lte::sparse_ffn forward that reaches a kernel (a spy on dispatch)."""
+    from lte_compile.kernels import dispatch
+
+    calls, forward = [], dispatch.sparse_ffn_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[8])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "sparse_ffn_forward", spy)
+    return calls

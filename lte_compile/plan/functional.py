@@ -44,6 +44,7 @@ from ..errors import UnsupportedFFNError
 from ..passes.forms import find_projections
 from ..passes.fx_utils import graph_params
 from ..passes.match import find_ffns
+from .probe import run_example
 from .router import LTERouter, gate_ffn_hidden, route_ffn_input
 from .spec import FFNSpec
 
@@ -117,15 +118,7 @@ def check_traced(model: nn.Module, paths: Iterable[str], args: tuple, kwargs: di
         fn = _callable(trace_forward(model.get_submodule(path))[False])
         handles.append(model.get_submodule(path).register_forward_hook(
             _comparing_hook(path, fn, problems, checked), with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    run_example(model, args, kwargs, handles)
     for path in paths:
         if path not in checked:
             problems[path] = f"{_label(path)} did not run on the example input, so its traced forward is unchecked"

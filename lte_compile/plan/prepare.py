@@ -25,6 +25,7 @@ from ..passes.ffn import FFNMatch, FFNReport
 from . import functional
 from .cluster import balanced_kmeans, expert_permutation
 from .layout import kernel_layout_, permute_ffn_
+from .probe import run_example
 from .router import GateHook, LTERouter, RouteHook
 from .spec import FFNSpec
 
@@ -207,20 +208,10 @@ def _check_functional(model: nn.Module, specs: list[FFNSpec], config: Config, ar
     if not places:
         return specs
     problems = functional.check_traced(model, sorted(set(places.values())), args, kwargs)
-    kept = []
-    for spec in specs:
-        why = problems.get(places.get(spec.name))
-        if why is None:
-            kept.append(spec)
-            continue
-        error = UnsupportedFFNError(f"{spec.name or '<root>'}: LTE rewrites the forward of "
-                                    f"{places[spec.name] or '<root>'} to make this FFN sparse, but {why}")
-        if config.on_unsupported == "error":
-            raise error
-        logger.warning("%s; left dense", error)
-    if not kept:
-        raise UnsupportedFFNError(f"{type(model).__name__}: no FFN can be prepared (see the warnings above)")
-    return kept
+    errors = {s.name: UnsupportedFFNError(f"{s.name or '<root>'}: LTE rewrites the forward of {places[s.name] or '<root>'} "
+                                          f"to make this FFN sparse, but {problems[places[s.name]]}")
+              for s in specs if places.get(s.name) in problems}
+    return _drop_or_refuse(model, specs, errors, config)
 
 
 def _check_hooks_fire(model: nn.Module, specs: list[FFNSpec], config: Config, args: tuple,
@@ -233,29 +224,28 @@ def _check_hooks_fire(model: nn.Module, specs: list[FFNSpec], config: Config, ar
     if not modules:
         return specs
     calls = dict.fromkeys(modules, 0)
-    handles = [model.get_submodule(m).register_forward_pre_hook(functools.partial(_count, calls, m)) for m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    kept = []
+    run_example(model, args, kwargs, [model.get_submodule(m).register_forward_pre_hook(functools.partial(_count, calls, m))
+                                      for m in modules])
+    errors = {}
+    for spec in hooked:
+        unused = [p.module for p in spec.projections().values() if not calls[p.module]]
+        if unused:
+            errors[spec.name] = UnsupportedFFNError(
+                f"{spec.name or '<root>'}: the forward never calls projection module(s) {unused} (their weights "
+                "are used directly, e.g. F.linear(h, self.down.weight)), so LTE's hooks would not fire; call the "
+                "modules, or on_unsupported='skip' keeps this FFN dense")
+    return _drop_or_refuse(model, specs, errors, config)
+
+
+def _drop_or_refuse(model: nn.Module, specs: list[FFNSpec], errors: dict[str, UnsupportedFFNError],
+                    config: Config) -> list[FFNSpec]:
+    """The specs without an error; each error raised (on_unsupported='error') or warned about."""
     for spec in specs:
-        unused = [p.module for p in spec.projections().values() if p.module in calls and not calls[p.module]]
-        if not unused:
-            kept.append(spec)
-            continue
-        error = UnsupportedFFNError(
-            f"{spec.name or '<root>'}: the forward never calls projection module(s) {unused} (their weights are "
-            "used directly, e.g. F.linear(h, self.down.weight)), so LTE's hooks would not fire; call the modules, "
-            "or on_unsupported='skip' keeps this FFN dense")
-        if config.on_unsupported == "error":
-            raise error
-        logger.warning("%s; left dense", error)
+        if spec.name in errors:
+            if config.on_unsupported == "error":
+                raise errors[spec.name]
+            logger.warning("%s; left dense", errors[spec.name])
+    kept = [s for s in specs if s.name not in errors]
     if not kept:
         raise UnsupportedFFNError(f"{type(model).__name__}: no FFN can be prepared (see the warnings above)")
     return kept

@@ -17,7 +17,6 @@ from torch import nn
 import lte_compile as lte
 from lte_compile import backend as lte_backend_mod
 from lte_compile.errors import UnsupportedFFNError
-from lte_compile.kernels import dispatch
 from lte_compile.plan import functional
 from tests.models import assert_state_unchanged, snapshot, tokens
 
@@ -193,19 +192,6 @@ def test_hard_mode_matches_float64_reference(case):
     y64 = run(twin, x.double(), "hard")
     assert y64.dtype == torch.float64
     torch.testing.assert_close(y64, reference_f64(twin, x.double()), atol=1e-10, rtol=1e-10)
-
-
-@pytest.fixture
-def op_calls(monkeypatch):
-    """The activation name of every lte::sparse_ffn forward that reaches a kernel."""
-    calls, forward = [], dispatch.sparse_ffn_forward
-
-    def spy(*args, **kwargs):
-        calls.append(args[8])
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "sparse_ffn_forward", spy)
-    return calls
 
 
 def test_compiled_hard_mode_runs_sparse_ffn(case, op_calls):

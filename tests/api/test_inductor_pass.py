@@ -8,22 +8,8 @@ import sys
 import pytest
 import torch
 
-from lte_compile.kernels import dispatch
 from lte_compile.passes import LTERewritePass
 from tests import models
-
-
-@pytest.fixture
-def op_calls(monkeypatch):
-    """The activation name of every lte::sparse_ffn forward that reaches a kernel."""
-    calls, forward = [], dispatch.sparse_ffn_forward
-
-    def spy(*args, **kwargs):
-        calls.append(args[8])
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "sparse_ffn_forward", spy)
-    return calls
 
 
 def test_hard_mode_inference_runs_sparse_ffn(op_calls):
