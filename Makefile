@@ -22,8 +22,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m lte_compile.small_lm.demo
 
+# One pytest worker per core (pytest-xdist), each with one torch thread: the suite is mostly
+# Dynamo/Inductor compiles and tiny matmuls, which do not use a second thread, and two OpenMP
+# threads per worker on a 2-core host stall each other.
 test: $(STAMP)
-	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest -q -n auto -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 # The long property profile (10x the hypothesis examples); outside CI.
 test-long: $(STAMP)

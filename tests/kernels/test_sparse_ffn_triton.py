@@ -46,7 +46,7 @@ def run(case, device="cpu"):
 
 
 @interpreted
-@settings(max_examples=examples(250))
+@settings(max_examples=examples(100))
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16),
                              max_T=tri.DECODE_MAX_T, max_d=40, max_E=5))
 def test_decode_path_matches_naive(case):
@@ -71,7 +71,7 @@ def test_every_activation_both_paths(act):
 
 
 @interpreted
-@settings(max_examples=examples(250))
+@settings(max_examples=examples(100))
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.float16), min_T=tri.DECODE_MAX_T + 1,
                              max_T=40, max_d=40, max_E=5))
 def test_grouped_path_matches_naive(case):
