@@ -44,7 +44,7 @@ from ..plan.router import LTERouter
 from .config import TrainConfig
 from .controller import SparsityController
 from .evaluate import forward_batches
-from .fit import (calibrate_heldout, check_fit_args, collect_labels, fit_routers, fit_scorer, split_fit_data)
+from .fit import calibrate_heldout, check_fit_args, fit_router_weights, fit_routers, split_fit_data
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +266,7 @@ def _random_linear(router: LTERouter, seed: int, device) -> nn.Linear:
 def _apply_rule(model, rule, train, held, controller: SparsityController, max_tokens, steps, lr) -> SelectionReport:
     fit_loss = {}
     if rule == "dejavu":
-        xs, ys = collect_labels(model, train, max_tokens)
-        fit_loss = {name: fit_scorer(r.linear, xs[name], ys[name], steps, lr) for name, r in routers(model).items()}
+        fit_loss, _ = fit_router_weights(model, train, steps=steps, lr=lr, max_tokens=max_tokens)
     if rule == "oracle_topk":
         return _heldout_report(rule, model, held)
     measured = calibrate_heldout(model, held, controller)

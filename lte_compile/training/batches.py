@@ -141,7 +141,7 @@ def make_batches(data: Any, cfg: TrainConfig, rank: int = 0, world_size: int = 1
             data, eval_data = data[: data.numel() - n_hold], data[data.numel() - n_hold:]
         data = TokenBatches(data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     if isinstance(data, TokenBatches):
-        train = TokenBatches(data.tokens, data.seq_len, data.batch_size, data.seed, rank, world_size)
+        train = TokenBatches(data.tokens, data.seq_len, data.batch_size, data.seed, rank, world_size, data.position)
         if eval_data is None:
             raise ConfigError("eval_data", None, "held-out data (a token tensor or batches) with a TokenBatches")
         return train, eval_list(eval_data, data.seq_len, data.batch_size, cfg.eval_batches, rank, world_size)

@@ -286,6 +286,9 @@ def train_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--steps1", type=int, default=TrainConfig.stage1_steps)
     p.add_argument("--steps2", type=int, default=TrainConfig.stage2_steps)
     p.add_argument("--model-lr", type=float, default=TrainConfig.model_lr)
+    p.add_argument("--router-init", choices=["fit", "keep"], default=TrainConfig.router_init,
+                   help="fit: stage 1 starts from routers fitted to the dense model's expert labels (default); "
+                        "keep: from the routers as prepared")
     p.add_argument("--expert-size", type=int, default=32)
     p.add_argument("--eval-batches", type=int, default=TrainConfig.eval_batches,
                    help="held-out batches for the final sparsity and perplexity")
@@ -309,7 +312,7 @@ def main_train(argv: list[str] | None = None) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, model_lr=args.model_lr, out_dir=args.out,
                       checkpoint_every=args.checkpoint_every, heldout_fraction=args.heldout_fraction,
                       eval_batches=args.eval_batches, progress=not args.no_progress,
-                      plots=not args.no_plots)
+                      plots=not args.no_plots, router_init=args.router_init)
     inputs = _inputs(args, _model(args.model), world=_world_size())
     with _threads(args.threads, _world_size()), _process_group(inputs.device) as rank:
         model = inputs.source.load(inputs.dtype, inputs.device)

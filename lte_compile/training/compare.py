@@ -14,8 +14,9 @@ decode tokens/s under `torch.compile(backend="lte")`. Methods:
   baseline, small_lm/demo.py `finetune_dense`);
 - `moefication`, `dejavu`, `oracle_topk`, `oracle_threshold`, `random` (baselines.py), each also
   "+S2": stage 2 under its own frozen masks, LTE's stage 2 (same steps, lr and batches);
-- `lte_s1`: LTE stage 1 (then the hard-mode calibration); `lte`: that model after the same stage 2
-  (= `lte.train(stage1_steps, stage2_steps)`, stage 2 reading the training stream from its start).
+- `lte_s1`: LTE stage 1 from fitted routers (`router_init='fit'`, the default), then the hard-mode
+  calibration; `lte`: that model after the same stage 2 (= `lte.train(stage1_steps, stage2_steps)`:
+  stage 2 reads the training batches after stage 1's; the +S2 runs read the stream from its start).
 
 Decode speed depends on the router's cost and the sparsity, not on which experts are chosen: it is
 measured once per target for linear routers (on the `lte` model) and once for the Deja Vu predictor;
@@ -178,10 +179,14 @@ class _Sweep:
                        self.st.batch_size, self.st.seq_len)
         self.row("dense_ft", None, tuned, t0, steps=self.st.steps1 + self.st.steps2)
 
-    def train(self, model: nn.Module, cfg: TrainConfig):
+    def train(self, model: nn.Module, cfg: TrainConfig, start: int = 0):
+        """`lte.train` on the training stream from batch `start` (LTE's stage 2 continues after
+        the batches its stage 1 read, as in one `lte.train` call; every other run starts at 0)."""
+        from .batches import TokenBatches
         from .driver import train
 
-        return train(model, self.train_ids, cfg, eval_data=self.val_ids, teacher=self.teacher)
+        data = TokenBatches(self.train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, position=start)
+        return train(model, data, cfg, eval_data=self.val_ids, teacher=self.teacher)
 
     def target_rows(self, target: float) -> None:
         self.say(f"target sparsity {target}")
@@ -195,7 +200,8 @@ class _Sweep:
                 model = self.select(method, target)
             self.row(first, target, model, t0, result)
             t0 = _clock()
-            result = self.train(model, stage2_config(self.cfg, method, target))
+            result = self.train(model, stage2_config(self.cfg, method, target),
+                                start=self.st.steps1 if method == "lte" else 0)
             self.row("lte" if method == "lte" else f"{method}+S2", target, model, t0, result, steps2=self.st.steps2)
             if method in ("lte", "dejavu") or (method in ("moefication", "random") and "lte" not in self.st.methods):
                 kept[method] = model  # decode-speed stand-ins (see decode); the other copies are dropped

@@ -48,6 +48,17 @@ def reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, t)}
 
 
+def broadcast_from_rank0(params: list[torch.Tensor], world: int) -> None:
+    """Every rank takes rank 0's values of `params` (in place)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 def fsdp_shard(model: nn.Module) -> None:
     """FSDP2: shard every block of the model's largest ModuleList (the transformer layers), then the root."""
     from torch.distributed.fsdp import fully_shard

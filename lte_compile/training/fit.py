@@ -26,10 +26,17 @@ from ..plan import config_of, get_mode, is_prepared, routers, set_mode
 from ..plan.prepare import hookable
 from ..plan.router import LTERouter
 from .batches import TokenBatches, eval_list, prepare_batch
+from .config import LossFn
 from .controller import SparsityController
 from .evaluate import forward_batches
 
 logger = logging.getLogger(__name__)
+
+FIT_STEPS = 300
+"""Full-batch Adam steps per router (the label loss is flat by then on the small LMs)."""
+FIT_LR = 1e-2
+FIT_MAX_TOKENS = 16384
+"""Activation rows kept per FFN (8 batches of 8 x 256 tokens)."""
 
 
 def expert_labels(h: Tensor, expert_size: int) -> Tensor:
@@ -139,22 +146,41 @@ def split_fit_data(data: Any, eval_data: Any, *, batches: int, seq_len: int, bat
     return train, held
 
 
-def collect_labels(model: nn.Module, batches: list[dict[str, Tensor]], max_tokens: int
-                   ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Run the model dense on `batches`: per router, its inputs x [N, d] and the expert labels
-    [N, E] (`expert_labels`), at most `max_tokens` rows each. The model's LTE mode is restored."""
-    old_mode = get_mode(model)
+def collect_labels(model: nn.Module, batches: list[dict[str, Tensor]], max_tokens: int,
+                   loss_fn: LossFn | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Run the model dense (eval mode) on `batches`: per router, its inputs x [N, d] and the
+    expert labels [N, E] (`expert_labels`), at most `max_tokens` rows each. `loss_fn(model, batch)`
+    runs models without a transformers signature (as in `lte.train`). Mode and train flag are restored."""
+    old_mode, was_training = get_mode(model), model.training
     collector = _Collector(model, max_tokens)
     device = next(model.parameters()).device
     try:
         set_mode(model, "dense")
+        model.eval()
         with torch.no_grad():
             for raw in batches:
-                model(**{k: v for k, v in prepare_batch(raw, "auto", device).items() if k != "labels"})
+                batch = prepare_batch(raw, "auto", device)
+                if loss_fn is not None:
+                    loss_fn(model, batch)
+                else:
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
         collector.remove()
+        model.train(was_training)
         set_mode(model, old_mode if old_mode in ("dense", "soft", "hard") else "dense")
     return ({k: torch.cat(v) for k, v in collector.xs.items()}, {k: torch.cat(v) for k, v in collector.ys.items()})
+
+
+def fit_router_weights(model: nn.Module, batches: list[dict[str, Tensor]], *, steps: int, lr: float = FIT_LR,
+                       max_tokens: int = FIT_MAX_TOKENS, loss_fn: LossFn | None = None
+                       ) -> tuple[dict[str, float], int]:
+    """Fit every router's linear layer to the dense model's expert labels on `batches` (the bias
+    is left where the fit puts it: calibrating the sparsity is the caller's). Returns (each
+    router's final label loss, the fewest activation rows any router was fitted on). `lte.fit_routers` and `lte.train(router_init="fit")` use it."""
+    rs = routers(model)
+    xs, ys = collect_labels(model, batches, max_tokens, loss_fn)
+    losses = {name: fit_scorer(r.linear, xs[name], ys[name], steps, lr) for name, r in rs.items()}
+    return losses, min(v.shape[0] for v in xs.values())
 
 
 def calibrate_heldout(model: nn.Module, held: list[dict[str, Tensor]], controller: SparsityController) -> float:
@@ -180,8 +206,8 @@ def check_fit_args(model: nn.Module, target_sparsity: float, tolerance: float, s
 
 
 def fit_routers(model: nn.Module, data: Any, *, target_sparsity: float, eval_data: Any = None,
-                batches: int = 8, seq_len: int = 256, batch_size: int = 8, max_tokens: int = 16384,
-                steps: int = 300, lr: float = 1e-2, tolerance: float = 0.02, seed: int = 0) -> FitReport:
+                batches: int = 8, seq_len: int = 256, batch_size: int = 8, max_tokens: int = FIT_MAX_TOKENS,
+                steps: int = FIT_STEPS, lr: float = FIT_LR, tolerance: float = 0.02, seed: int = 0) -> FitReport:
     """Fit a prepared model's routers without changing its weights; leaves it in hard mode.
 
     data / eval_data: 1-D token tensors (or lists of dict batches). `batches` of `data` give the
@@ -191,11 +217,8 @@ def fit_routers(model: nn.Module, data: Any, *, target_sparsity: float, eval_dat
     """
     controller = check_fit_args(model, target_sparsity, tolerance, steps)
     train, held = split_fit_data(data, eval_data, batches=batches, seq_len=seq_len, batch_size=batch_size)
-    rs = routers(model)
-    xs, ys = collect_labels(model, train, max_tokens)
     torch.manual_seed(seed)
-    fit_loss = {name: fit_scorer(r.linear, xs[name], ys[name], steps, lr) for name, r in rs.items()}
-    tokens = min(v.shape[0] for v in xs.values())
+    fit_loss, tokens = fit_router_weights(model, train, steps=steps, lr=lr, max_tokens=max_tokens)
     measured = calibrate_heldout(model, held, controller)
     _, stats, _ = forward_batches(model, held)
     logger.info("fit_routers: %d tokens per FFN, held-out sparsity %.4f (target %.3f), bias shift %+.3f",

@@ -90,3 +90,33 @@ def test_fit_routers_on_functional_ffns_learns_what_it_learns_on_module_ffns():
     for k, w in fitted["modular"].items():
         torch.testing.assert_close(fitted["functional"][k], w, rtol=1e-4, atol=1e-5)
     assert all(r.observer is None for r in lte.routers(functional).values())
+
+
+@pytest.mark.parametrize("init", ["fit", "keep"])
+def test_train_starts_stage1_from_fitted_routers_or_keeps_them(init):
+    """router_init='fit' (the default): stage 1 starts from the routers fit_router_weights makes on
+    the first router_fit_batches training batches; 'keep': from the routers as they were. router_lr=0
+    and no target (no bias controller) keep stage 1 from moving them, so they can be compared."""
+    import copy
+
+    from lte_compile.training import TrainConfig, train
+    from lte_compile.training.batches import make_batches
+    from lte_compile.training.fit import fit_router_weights
+
+    from .helpers import FAST
+
+    cfg = TrainConfig(stage1_steps=1, stage2_steps=0, router_lr=0.0, router_init=init, router_fit_batches=3,
+                      router_fit_steps=40, **FAST)
+    model, data = tiny_llama(), token_stream()
+    expected = copy.deepcopy(model)
+    if init == "fit":
+        batches, _ = make_batches(data, cfg)
+        losses, tokens = fit_router_weights(expected, [batches.batch(i) for i in range(3)], steps=40)
+        assert tokens == 3 * FAST["batch_size"] * FAST["seq_len"] and all(v < 0.69 for v in losses.values())
+    train(model, data, cfg)
+    got, want = lte.routers(model), lte.routers(expected)
+    for name in want:
+        torch.testing.assert_close(got[name].linear.weight, want[name].linear.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[name].linear.bias, want[name].linear.bias, rtol=0, atol=1e-6)
+    moved = any(not torch.equal(got[n].linear.weight, lte.routers(tiny_llama())[n].linear.weight) for n in got)
+    assert moved == (init == "fit")
