@@ -47,7 +47,8 @@ class TrainConfig:
     `router_fit_batches` training batches (the training-free recipe of `lte.fit_routers`, ~40 s on
     the shipped LM), 'keep' takes them as they are (prepare's initialisation, or routers you fitted
     or trained yourself). Measured on the shipped Llama at 80 + 40 steps: 'fit' ends stage 1 at
-    held-out ppl 79.6 / 85.2 at s = 0.5 / 0.8 where 'keep' ends at 82.1 / 97.4 (README)."""
+    held-out ppl 79.6 / 85.2 at s = 0.5 / 0.8 where 'keep' ends at 82.1 / 97.4 (README). `lte.train`
+    only: with `LTETrainer`, call `lte.fit_routers` before `trainer.train()` for the same start."""
     router_fit_batches: int = 8
     """Training batches (not consumed) the router fit reads when `router_init='fit'`."""
     router_fit_steps: int = 300
