@@ -1,0 +1,81 @@
+"""Batch-1 FFN bandwidth with cold weights: the gathered C++ kernel (direct call and through
+`torch.ops.lte.sparse_ffn`) against dense `F.linear` x 3, TinyLlama FFN shape (d 2048, N 5632,
+B 32, fp32), 8 layers' weights rotated (1.1 GB, far larger than any cache), at expert densities
+1.0 / 0.5 / 0.25 / 0.1; medians of 15 interleaved rounds. GB/s = weight bytes the call needs / time.
+
+    python benchmarks/cold_kernel.py [--threads 2]
+
+Why: bench_decode's per-FFN breakdown reuses one layer's weights (cache-warm); this is what the
+kernel and the op cost inside a model, where every layer's weights come from DRAM.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+D, N, B, LAYERS = 2048, 5632, 32, 8
+DENSITIES = (1.0, 0.5, 0.25, 0.1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    import lte_compile  # noqa: F401  (registers torch.ops.lte)
+    from lte_compile.kernels.cpu import cpu_flags, cpu_name, isa, sparse_ffn_cpu
+
+    vec = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
+    print(f"CPU: {cpu_name()}; kernel ISA {isa()[0]}; vector flags: {vec}; {args.threads} threads; "
+          f"torch {torch.__version__}")
+    E = N // B
+    g = torch.Generator().manual_seed(0)
+    layers = [[torch.randn(N, D, generator=g) / D ** 0.5 for _ in range(3)] for _ in range(LAYERS)]
+    dense_down = [w[2].t().contiguous() for w in layers]  # nn.Linear layout for the dense FFN
+    x = torch.randn(1, D, generator=g)
+
+    def gates(density: float) -> torch.Tensor:
+        out = torch.zeros(1, E)
+        out[0, torch.randperm(E, generator=g)[:max(1, round(density * E))]] = 1.0
+        return out
+
+    masks = {p: [gates(p) for _ in range(LAYERS)] for p in DENSITIES}
+
+    def sparse(density: float, op: bool) -> float:
+        fn = torch.ops.lte.sparse_ffn if op else sparse_ffn_cpu
+        t0 = time.perf_counter()
+        for layer, w in enumerate(layers):
+            fn(x, masks[density][layer], w[0], w[1], w[2], None, None, None, "silu", B, "hard", 0.5)
+        return (time.perf_counter() - t0) / LAYERS
+
+    def dense() -> float:
+        t0 = time.perf_counter()
+        for layer, w in enumerate(layers):
+            F.linear(F.silu(F.linear(x, w[1])) * F.linear(x, w[0]), dense_down[layer])
+        return (time.perf_counter() - t0) / LAYERS
+
+    variants = {"dense F.linear x3": (1.0, dense)}
+    for p in DENSITIES:
+        variants[f"kernel, density {p}"] = (p, lambda p=p: sparse(p, False))
+        variants[f"op, density {p}"] = (p, lambda p=p: sparse(p, True))
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(3):
+        for _, fn in variants.values():
+            fn()
+    for _ in range(args.rounds):
+        for k, (_, fn) in variants.items():
+            times[k].append(fn())
+    mb = 3 * N * D * 4 / 1e6
+    print("| variant | ms per FFN | GB/s of the bytes needed |\n|---|---|---|")
+    for k, (p, _) in variants.items():
+        ms = statistics.median(times[k]) * 1e3
+        print(f"| {k} | {ms:.3f} | {mb * p / ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
