@@ -150,8 +150,9 @@ def collect_labels(model: nn.Module, batches: list[dict[str, Tensor]], max_token
                    loss_fn: LossFn | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Run the model dense (eval mode) on `batches`: per router, its inputs x [N, d] and the
     expert labels [N, E] (`expert_labels`), at most `max_tokens` rows each. `loss_fn(model, batch)`
-    runs models without a transformers signature (as in `lte.train`). Mode and train flag are restored."""
-    old_mode, was_training = get_mode(model), model.training
+    runs models without a transformers signature (as in `lte.train`). Mode and every module's
+    train flag are restored."""
+    old_mode, flags = get_mode(model), [(m, m.training) for m in model.modules()]
     collector = _Collector(model, max_tokens)
     device = next(model.parameters()).device
     try:
@@ -166,7 +167,8 @@ def collect_labels(model: nn.Module, batches: list[dict[str, Tensor]], max_token
                     model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
         collector.remove()
-        model.train(was_training)
+        for m, training in flags:
+            m.training = training
         set_mode(model, old_mode if old_mode in ("dense", "soft", "hard") else "dense")
     return ({k: torch.cat(v) for k, v in collector.xs.items()}, {k: torch.cat(v) for k, v in collector.ys.items()})
 

@@ -120,3 +120,18 @@ def test_train_starts_stage1_from_fitted_routers_or_keeps_them(init):
         torch.testing.assert_close(got[name].linear.bias, want[name].linear.bias, rtol=0, atol=1e-6)
     moved = any(not torch.equal(got[n].linear.weight, lte.routers(tiny_llama())[n].linear.weight) for n in got)
     assert moved == (init == "fit")
+
+
+def test_fitting_runs_the_model_in_eval_mode_and_restores_every_train_flag():
+    """Labels come from the model without dropout; afterwards each module's flag is as it was."""
+    from lte_compile.training.fit import collect_labels
+
+    model = tiny_llama().train()
+    model.model.layers[0].eval()  # a mixed state, as a user with a frozen block has
+    seen = []
+    hook = model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    flags = {name: m.training for name, m in model.named_modules()}
+    collect_labels(model, [{"input_ids": token_stream(64).reshape(2, 32)}], max_tokens=64)
+    hook.remove()
+    assert seen == [False]
+    assert {name: m.training for name, m in model.named_modules()} == flags
