@@ -75,6 +75,7 @@ class SweepSettings:
     expert_size: int = 32
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
+    kd_stages: str = "both"
     dense_ft_lr: float = 2e-4
     decode: bool = True
     decode_tokens: int = 48
@@ -98,7 +99,8 @@ class SweepSettings:
         """LTE's budget; every +S2 run takes its stage 2 from it (baselines.stage2_config)."""
         return TrainConfig(stage1_steps=self.steps1, stage2_steps=self.steps2, batch_size=self.batch_size,
                            seq_len=self.seq_len, eval_batches=self.eval_batches, kd_weight=self.kd_weight,
-                           kd_temperature=self.kd_temperature, progress=self.progress, plots=False, seed=self.seed)
+                           kd_temperature=self.kd_temperature, kd_stages=self.kd_stages, progress=self.progress,
+                           plots=False, seed=self.seed)
 
 
 # ----------------------------------------------------------------------------- measuring one model
@@ -339,7 +341,8 @@ def markdown_table(results: dict[str, Any]) -> str:
              f"- budget: LTE stage 1 {st['steps1']} + stage 2 {st['steps2']} steps; every +S2 row: {st['steps2']} "
              f"stage-2 steps; dense fine-tuned {st['steps1'] + st['steps2']} steps; batch {st['batch_size']} x "
              f"{st['seq_len']} tokens; routers fitted on {st['fit_batches']} batches ({st['fit_steps']} steps)"
-             + (f"; distillation weight {st['kd_weight']}, T {st['kd_temperature']}" if st['kd_weight'] else ""),
+             + (f"; distillation weight {st['kd_weight']}, T {st['kd_temperature']}, in {st.get('kd_stages', 'both')}"
+                if st['kd_weight'] else ""),
              f"- held-out: {st['eval_batches']} batches of the held-out works; sparsity = fraction of FFN experts off "
              f"(hard mode); tolerance ±{TOLERANCE} for calibrated rules (top-k: k = round((1 - target) E))",
              f"- command: `{h['command']}` ({h['wall_s'] / 60:.1f} min; CPU {h['cpu_s'] / 60:.1f} min)", "",
@@ -469,6 +472,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-weight", type=float, default=0.0, help="logit distillation from the dense model in every "
                    "training run (LTE and +S2); 0 = off")
     p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--kd-stages", choices=["stage1", "stage2", "both"], default="both",
+                   help="where distillation applies (stage 2 also covers every +S2 run)")
     p.add_argument("--no-decode", action="store_true", help="skip the compiled decode benchmark")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny random model, 2 targets, a few steps")
     p.add_argument("--out", default="benchmarks/quality", help="directory for table.md, ppl_vs_sparsity.png, results.json")
@@ -501,7 +506,8 @@ def settings_from(args: argparse.Namespace) -> SweepSettings:
     given = {k: v for k, v in vars(args).items() if k in SweepSettings.__dataclass_fields__ and v is not None}
     if args.methods is not None:
         given["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    given |= {"decode": not args.no_decode, "kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature}
+    given |= {"decode": not args.no_decode, "kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature,
+              "kd_stages": args.kd_stages}
     return SweepSettings(**({**QUICK, **given} if args.quick else given))
 
 

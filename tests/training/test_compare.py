@@ -92,3 +92,13 @@ def test_merge_combines_parallel_sweeps_of_disjoint_targets(quick_run, tmp_path,
     capsys.readouterr()
     assert cli.main(["compare", "--merge", dirs[0], dirs[0], "--out", str(tmp_path / "bad")]) == 2
     assert "disjoint targets" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_kd_stages_reaches_every_training_run_of_the_sweep():
+    """`--kd-stages stage1`: LTE's soft stage distils, stage 2 (LTE's and every +S2 run) does not."""
+    from lte_compile.training.compare import parser, settings_from
+
+    st = settings_from(parser().parse_args(["--kd-weight", "1", "--kd-stages", "stage1"]))
+    cfg = st.train_config()
+    assert cfg.kd_weight == 1.0 and cfg.kd_in("stage1") and not cfg.kd_in("stage2")
+    assert settings_from(parser().parse_args([])).train_config().kd_stages == "both"
