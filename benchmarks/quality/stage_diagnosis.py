@@ -11,49 +11,68 @@ steps, batch 8 x 256, one thread) it prints one JSON line after stage 1 and afte
 held-out (ppl, sparsity) in hard, soft and dense mode of the same weights -- the dense column shows
 how far training moved the model itself. Numbers from session 4 are in README's quality section.
 """
-import copy, json, sys, time
-import torch
-torch.set_num_threads(1)
-import lte_compile as lte
-from lte_compile.training.compare import load_model_and_data, SweepSettings
-from lte_compile.training.driver import train
-from lte_compile.training.evaluate import evaluate
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
 from dataclasses import replace
 
-target = float(sys.argv[1]); variants = sys.argv[2:]
-dense, train_ids, val_ids, _ = load_model_and_data("llama", False)
-st = SweepSettings(targets=(target,), progress=False)
-base = copy.deepcopy(dense); lte.prepare(base, lte.Config(expert_size=32))
-cfg = st.train_config()
+import torch
 
-def ev(model, mode):
+import lte_compile as lte
+from lte_compile.training.compare import SweepSettings, load_model_and_data
+from lte_compile.training.config import TrainConfig
+from lte_compile.training.driver import train
+from lte_compile.training.evaluate import evaluate
+
+OPTIONS = {"kd": ("kd_weight", float), "s1": ("stage1_steps", int), "s2": ("stage2_steps", int),
+           "lr1": ("model_lr", float), "lr2": ("stage2_lr", float), "rlr": ("router_lr", float),
+           "eta": ("eta", float), "lam": ("lam", float), "init": ("router_init", str)}
+"""VARIANT option -> (TrainConfig field, type); `s2seeds` is handled apart."""
+
+
+def parse_variant(variant: str, base: TrainConfig) -> tuple[TrainConfig, list[int]]:
+    """'lte,kd=1,s2seeds=0:1' -> (the config with its overrides, stage-2 seeds)."""
+    opts = dict(item.split("=") for item in variant.split(",")[1:])
+    seeds = [int(x) for x in opts.pop("s2seeds", "1").split(":")]
+    unknown = set(opts) - set(OPTIONS)
+    if unknown:
+        raise SystemExit(f"unknown option(s) {sorted(unknown)} in {variant!r}; known: {sorted(OPTIONS)} and s2seeds")
+    return replace(base, **{OPTIONS[k][0]: OPTIONS[k][1](v) for k, v in opts.items()}), seeds
+
+
+def held_out(model, val_ids, mode: str) -> tuple[float, float]:
     e = evaluate(model, val_ids, mode=mode, seq_len=256, batch_size=8, max_batches=8)
     return round(e["ppl"], 2), round(e.get("sparsity", 0.0), 3)
 
-def report(tag, model):
-    rec = {"target": target, "tag": tag, "hard": ev(model, "hard"), "soft": ev(model, "soft"), "dense": ev(model, "dense")}
+
+def report(tag: str, target: float, model, val_ids) -> None:
+    """One JSON line: held-out (ppl, sparsity) of the same weights in each mode; leaves hard mode."""
+    rec = {"target": target, "tag": tag, **{mode: held_out(model, val_ids, mode) for mode in ("hard", "soft", "dense")}}
     lte.set_mode(model, "hard")
     print(json.dumps(rec), flush=True)
 
-for v in variants:
-    t0 = time.time()
-    model = copy.deepcopy(base)
-    c = cfg
-    opts = dict(x.split("=") for x in v.split(",")[1:])
-    name = v.split(",")[0]
-    if "kd" in opts: c = replace(c, kd_weight=float(opts["kd"]))
-    if "s1" in opts: c = replace(c, stage1_steps=int(opts["s1"]))
-    if "s2" in opts: c = replace(c, stage2_steps=int(opts["s2"]))
-    if "lr1" in opts: c = replace(c, model_lr=float(opts["lr1"]))
-    if "lr2" in opts: c = replace(c, stage2_lr=float(opts["lr2"]))
-    if "rlr" in opts: c = replace(c, router_lr=float(opts["rlr"]))
-    if "eta" in opts: c = replace(c, eta=float(opts["eta"]))
-    if "lam" in opts: c = replace(c, lam=float(opts["lam"]))
-    if "init" in opts: c = replace(c, router_init=opts["init"])
-    r1 = train(model, train_ids, replace(c, stage2_steps=0, target_sparsity=target), eval_data=val_ids)
-    report(v + ":after_s1", model)
-    for s2seed in [int(x) for x in opts.get("s2seeds", "1").split(":")]:
-        m2 = copy.deepcopy(model)
-        c2 = replace(c, stage1_steps=0, target_sparsity=target, seed=s2seed)
-        r2 = train(m2, train_ids, c2, eval_data=val_ids)
-        report(v + f":after_s2 seed{s2seed} ({time.time()-t0:.0f}s)", m2)
+
+def main() -> None:
+    torch.set_num_threads(1)
+    target, variants = float(sys.argv[1]), sys.argv[2:]
+    dense, train_ids, val_ids, _ = load_model_and_data("llama", False)
+    base = copy.deepcopy(dense)
+    lte.prepare(base, lte.Config(expert_size=32))
+    budget = SweepSettings(targets=(target,), progress=False).train_config()
+    for variant in variants:
+        start = time.time()
+        cfg, seeds = parse_variant(variant, budget)
+        model = copy.deepcopy(base)
+        train(model, train_ids, replace(cfg, stage2_steps=0, target_sparsity=target), eval_data=val_ids)
+        report(f"{variant}:after_s1", target, model, val_ids)
+        for seed in seeds:  # stage 2 from a copy of the stage-1 model, per seed of the batch order
+            tuned = copy.deepcopy(model)
+            train(tuned, train_ids, replace(cfg, stage1_steps=0, target_sparsity=target, seed=seed), eval_data=val_ids)
+            report(f"{variant}:after_s2 seed{seed} ({time.time() - start:.0f}s)", target, tuned, val_ids)
+
+
+if __name__ == "__main__":
+    main()
