@@ -18,6 +18,8 @@ LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 TASKS = ("auto", "causal_lm", "sequence_classification")
 KD_STAGES = ("stage1", "stage2", "both")
 ROUTER_INITS = ("fit", "keep")
+ROUTER_LR = {"fit": 1e-3, "keep": 1e-2}
+"""Stage-1 router learning rate by where the routers start (TrainConfig.router_lr)."""
 
 
 @dataclass
@@ -62,8 +64,12 @@ class TrainConfig:
     """Model learning rate in stage 2."""
     model_weight_decay: float = 0.0
     """Model weight decay (0: fine-tuning a pretrained model for a few hundred steps)."""
-    router_lr: float = 1e-2
-    """Router learning rate (paper: 1e-2)."""
+    router_lr: float | None = None
+    """Router learning rate in stage 1; None: `ROUTER_LR[router_init]` (`stage1_router_lr`).
+    From fitted routers ('fit') 1e-3: the paper's 1e-2 undoes the fit (shipped Llama, 80 + 40
+    steps, held-out ppl at s = 0.5 / 0.8: 80.3 / 83.8 at 1e-2, 79.3 / 83.3 at 3e-3, 78.9 / 82.6 at
+    1e-3, 78.1 / 84.8 with frozen routers; `benchmarks/quality/stage_diagnosis.py`). From routers
+    as they are ('keep', and `LTETrainer`) the paper's 1e-2."""
     router_weight_decay: float = 0.1
     """Router weight decay (paper: 0.1)."""
     warmup_steps: int = 10
@@ -131,9 +137,11 @@ class TrainConfig:
         self.target_sparsity = check_float(
             "target_sparsity", self.target_sparsity, low=0.0, high=1.0, low_open=True, high_open=True, optional=True,
             allowed="None or a float in (0, 1) (fraction of experts off)", hint="0.5 switches off half of the FFN experts")
-        for name in ("eta", "lam", "model_lr", "stage2_lr", "router_lr", "router_weight_decay",
-                     "model_weight_decay", "grad_clip", "kd_weight"):
+        for name in ("eta", "lam", "model_lr", "stage2_lr", "router_weight_decay", "model_weight_decay",
+                     "grad_clip", "kd_weight"):
             setattr(self, name, check_float(name, getattr(self, name), low=0.0, allowed="a finite float >= 0"))
+        self.router_lr = check_float("router_lr", self.router_lr, low=0.0, optional=True,
+                                     allowed="None or a finite float >= 0")
         self.sep_eps = check_float("sep_eps", self.sep_eps, low=0.0, low_open=True, allowed="a float > 0",
                                    hint="L_sep diverges at G = tau without it")
         self.sparsity_tolerance = check_float("sparsity_tolerance", self.sparsity_tolerance, low=0.0, high=0.5,
@@ -162,6 +170,12 @@ class TrainConfig:
         if self.target_sparsity is not None and self.stage1_steps == 0:
             logger.info("stage1_steps=0: stage 2 only; the routers' bias is calibrated to target_sparsity on "
                         "held-out data, then the routers are frozen")
+
+    def stage1_router_lr(self, fitted: bool | None = None) -> float:
+        """`router_lr`, or its default for routers that were fitted (`fitted`; None: `router_init`)."""
+        if self.router_lr is not None:
+            return self.router_lr
+        return ROUTER_LR["fit" if (self.router_init == "fit" if fitted is None else fitted) else "keep"]
 
     def kd_in(self, stage: str) -> bool:
         """Whether distillation is on in `stage` ('stage1' or 'stage2')."""

@@ -4,7 +4,8 @@
     result = lte.train(model, tokens, TrainConfig(target_sparsity=0.5, out_dir="runs/lte"))
 
 Stage 1 (soft): model and routers train together on `task + eta * L_eff + lam * L_sep`
-(`losses.py`), routers in their own AdamW group (paper: lr 1e-2, weight decay 0.1).
+(`losses.py`), routers in their own AdamW group (weight decay 0.1 as in the paper; lr 1e-3 from
+fitted routers, the paper's 1e-2 from others: `TrainConfig.router_lr`).
 Stage 2 (hard): routers frozen, FFNs masked by G > tau, the model fine-tuned on the task alone.
 Stage 1 starts from routers fitted to the dense model's expert labels (`router_init='fit'`,
 fit.py; 'keep' starts from the routers as they are). With `target_sparsity`, a
@@ -79,7 +80,8 @@ class _Run:
         cfg = self.cfg
         stage1 = stage == "stage1"
         groups = adamw_groups(self.model, lr=cfg.model_lr if stage1 else cfg.stage2_lr,
-                              weight_decay=cfg.model_weight_decay, router_lr=cfg.router_lr if stage1 else None,
+                              weight_decay=cfg.model_weight_decay,
+                              router_lr=cfg.stage1_router_lr() if stage1 else None,
                               router_weight_decay=cfg.router_weight_decay)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         steps = cfg.stage1_steps if stage == "stage1" else cfg.stage2_steps

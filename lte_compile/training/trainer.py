@@ -7,7 +7,8 @@
     trainer.train()
 
 Steps 1..stage1_steps are stage 1 (soft, loss = task + eta*L_eff + lam*L_sep, routers trained in
-their own AdamW group at `router_lr`/`router_weight_decay`); later steps are stage 2 (hard mode,
+their own AdamW group at `router_lr`/`router_weight_decay`; router_lr None is the paper's 1e-2,
+as the Trainer starts from the routers as they are: after `lte.fit_routers` pass 1e-3); later steps are stage 2 (hard mode,
 routers frozen, task loss only). The total is the Trainer's `max_steps`/epochs; `stage2_steps` of
 the TrainConfig is not used here. With a target, the bias is corrected every stage-1 step and
 calibrated in hard mode (on the latest stage-1 batches) when stage 2 starts.
@@ -102,7 +103,7 @@ class LTETrainer(Trainer):
             decay = set(self.get_decay_parameter_names(opt_model))
             no_decay = {n for n, _ in opt_model.named_parameters()} - decay
             groups = adamw_groups(opt_model, weight_decay=self.args.weight_decay, no_decay=no_decay,
-                                  router_lr=self.lte_train_config.router_lr,
+                                  router_lr=self.lte_train_config.stage1_router_lr(fitted=False),
                                   router_weight_decay=self.lte_train_config.router_weight_decay)
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = cls(groups, **kwargs)

@@ -135,3 +135,30 @@ def test_fitting_runs_the_model_in_eval_mode_and_restores_every_train_flag():
     hook.remove()
     assert seen == [False]
     assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+@pytest.mark.parametrize("init, router_lr, expected", [("fit", None, 1e-3), ("keep", None, 1e-2), ("fit", 5e-3, 5e-3)])
+def test_stage1_router_lr_follows_where_the_routers_start(init, router_lr, expected):
+    """Fitted routers train at 1e-3 (the paper's 1e-2 undoes the fit), others at 1e-2; an explicit
+    router_lr wins. The driver's stage-1 optimizer gives the routers' group exactly that lr."""
+    from lte_compile.training import TrainConfig
+    from lte_compile.training.driver import _Run
+
+    from .helpers import FAST
+
+    cfg = TrainConfig(stage1_steps=1, stage2_steps=1, router_init=init, router_lr=router_lr, **FAST)
+    assert cfg.stage1_router_lr() == expected
+    run = _Run(tiny_llama(), token_stream(), cfg, None, None, None)
+    opt, _ = run._optimizer("stage1")
+    router_params = {id(p) for r in lte.routers(run.model).values() for p in r.parameters()}
+    lrs = {g["initial_lr"] for g in opt.param_groups if {id(p) for p in g["params"]} <= router_params}
+    assert lrs == {expected}
+    assert TrainConfig(router_lr=None, router_init="fit").stage1_router_lr(fitted=False) == 1e-2
+
+
+def test_router_lr_must_be_none_or_a_finite_non_negative_float():
+    from lte_compile.training import TrainConfig
+
+    for bad in (-1e-3, float("nan"), "1e-3"):
+        with pytest.raises(ConfigError, match="router_lr"):
+            TrainConfig(router_lr=bad)
