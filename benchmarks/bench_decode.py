@@ -35,7 +35,8 @@ scores aside), and attained = (ratio - 1) / (bound - 1), the share of the attain
 After the table: the dispatch decisions the run measured (kernels/autotune.py: bucket, chosen path,
 median ms of both): the timed self-check that the chosen path was the faster one on this machine.
 `--breakdown`: the per-FFN cost at batch 1 split into router, op call overhead, index/launch and
-kernel (manual timers on one layer's weights).
+kernel (manual timers on one layer's weights). `--profile S`: torch.profiler's per-op CPU time of
+a compiled batch-1 decode step, dense and lte at sparsity S (where a step's milliseconds go).
 """
 from __future__ import annotations
 
@@ -355,6 +356,43 @@ def breakdown(args) -> str:
     return "\n".join(lines)
 
 
+def profile_step(args) -> str:
+    """Per-op CPU time of one compiled batch-1 decode step, dense and lte at sparsity
+    `args.profile` (torch.profiler over `args.new_tokens` steps; the eager prefill is excluded):
+    where a step's milliseconds go, beside the table's ratios."""
+    import lte_compile as lte  # noqa: F401  (registers the backend)
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    dense, cfg = build(args, torch.float32)
+    sparse = prepare_sparse(dense, cfg, args)
+    set_biases(sparse, calibrate(sparse, cfg, args.profile, args))
+    prompt = torch.randint(cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(args.seed + 3))
+    lines = ["", f"## Profile of a batch-1 decode step (fp32, s = {args.profile}, {args.layers} layers, "
+             f"{torch.get_num_threads()} threads; ms per step, self CPU time, top ops)", ""]
+    for name, model, backend in (("dense", dense, "inductor"), ("lte", sparse, "lte")):
+        fn = torch.compile(model.forward, backend=backend, dynamic=False)
+        cache = StaticCache(config=cfg, max_cache_len=PROMPT + args.new_tokens + 1)
+        decode(model, fn, cache, 1, args.new_tokens, prompt)  # compile + warm-up
+        step_ms = decode(model, fn, cache, 1, args.new_tokens, prompt)[0] / args.new_tokens * 1e3
+        with torch.no_grad():  # the prefill outside the profile: only the compiled steps are recorded
+            cache.reset()
+            tok = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(PROMPT),
+                        use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for i in range(args.new_tokens):
+                    tok = fn(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([PROMPT + i]),
+                             use_cache=True).logits[:, -1:].argmax(-1)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+        lines += [f"**{name}** ({backend}): {step_ms:.1f} ms per step unprofiled", "",
+                  "| op | calls per step | self ms per step | total ms per step |", "|---|---|---|---|"]
+        lines += [f"| `{e.key[:60]}` | {e.count / args.new_tokens:g} | {e.self_cpu_time_total / 1e3 / args.new_tokens:.2f} | "
+                  f"{e.cpu_time_total / 1e3 / args.new_tokens:.2f} |" for e in events]
+        lines.append("")
+    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -369,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--breakdown", action="store_true", help="also print the per-FFN cost split at batch 1")
-    p.add_argument("--no-decode", action="store_true", help="only the breakdown")
+    p.add_argument("--no-decode", action="store_true", help="only the breakdown / profile")
+    p.add_argument("--profile", type=float, default=None, metavar="S",
+                   help="also profile one batch-1 decode step per op (torch.profiler), dense and lte at sparsity S")
     p.add_argument("--out", default=None, help="write the markdown table to this file")
     args = p.parse_args(argv)
     args.layers = args.layers or (2 if args.quick else 4)
@@ -383,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "" if args.no_decode else run(args, argv)
     if args.breakdown:
         text += "\n" + breakdown(args)
+    if args.profile is not None:
+        text += "\n" + profile_step(args)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
