@@ -1,6 +1,6 @@
 """Optimizer parameter groups for LTE: the model's trainable weights, and the routers in their own
-group (weight decay 0.1 as in the paper; lr: TrainConfig.stage1_router_lr). One definition for `lte.train`, `LTETrainer` and plain
-loops (examples/train_lte_plain_loop.py)."""
+group (weight decay 0.1 as in the paper; lr: TrainConfig.stage1_router_lr). One definition for
+`lte.train`, `LTETrainer` and plain loops (examples/train_lte_plain_loop.py)."""
 from __future__ import annotations
 
 from collections.abc import Collection

@@ -8,8 +8,8 @@
 
 Steps 1..stage1_steps are stage 1 (soft, loss = task + eta*L_eff + lam*L_sep, routers trained in
 their own AdamW group at `router_lr`/`router_weight_decay`; router_lr None is the paper's 1e-2,
-as the Trainer starts from the routers as they are: after `lte.fit_routers` pass 1e-3); later steps are stage 2 (hard mode,
-routers frozen, task loss only). The total is the Trainer's `max_steps`/epochs; `stage2_steps` of
+as the Trainer starts from the routers as they are: after `lte.fit_routers` pass 1e-3); later
+steps are stage 2 (hard mode, routers frozen, task loss only). The total is the Trainer's `max_steps`/epochs; `stage2_steps` of
 the TrainConfig is not used here. With a target, the bias is corrected every stage-1 step and
 calibrated in hard mode (on the latest stage-1 batches) when stage 2 starts.
 """
