@@ -41,6 +41,7 @@ a compiled batch-1 decode step, dense and lte at sparsity S (where a step's mill
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -157,8 +158,10 @@ class DensityMeter:
         return self.used / max(1, self.total)
 
 
-def decode(model, fn, cache, batch: int, new_tokens: int, prompt) -> tuple[float, list[int]]:
-    """Greedy decode of `new_tokens` after an eager prefill of `prompt`; (seconds of the steps, tokens)."""
+def decode(model, fn, cache, batch: int, new_tokens: int, prompt,
+           around_steps=contextlib.nullcontext) -> tuple[float, list[int]]:
+    """Greedy decode of `new_tokens` after an eager prefill of `prompt`; (seconds of the steps, tokens).
+    The steps (not the prefill) run inside `around_steps()` (e.g. a profiler)."""
     cache.reset()
     with torch.no_grad():
         out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]),
@@ -166,11 +169,12 @@ def decode(model, fn, cache, batch: int, new_tokens: int, prompt) -> tuple[float
         tok = out.logits[:, -1:].argmax(-1)
         toks = [tok]
         start = time.perf_counter()
-        for i in range(new_tokens):
-            out = fn(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([prompt.shape[1] + i]),
-                     use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            toks.append(tok)
+        with around_steps():
+            for i in range(new_tokens):
+                out = fn(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([prompt.shape[1] + i]),
+                         use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+                toks.append(tok)
         elapsed = time.perf_counter() - start
     return elapsed, torch.cat(toks, 1)[0].tolist()
 
@@ -375,14 +379,8 @@ def profile_step(args) -> str:
         cache = StaticCache(config=cfg, max_cache_len=PROMPT + args.new_tokens + 1)
         decode(model, fn, cache, 1, args.new_tokens, prompt)  # compile + warm-up
         step_ms = decode(model, fn, cache, 1, args.new_tokens, prompt)[0] / args.new_tokens * 1e3
-        with torch.no_grad():  # the prefill outside the profile: only the compiled steps are recorded
-            cache.reset()
-            tok = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(PROMPT),
-                        use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for i in range(args.new_tokens):
-                    tok = fn(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([PROMPT + i]),
-                             use_cache=True).logits[:, -1:].argmax(-1)
+        prof = profile(activities=[ProfilerActivity.CPU])  # the compiled steps only, not the prefill
+        decode(model, fn, cache, 1, args.new_tokens, prompt, around_steps=lambda: prof)
         events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
         lines += [f"**{name}** ({backend}): {step_ms:.1f} ms per step unprofiled", "",
                   "| op | calls per step | self ms per step | total ms per step |", "|---|---|---|---|"]
