@@ -150,6 +150,18 @@ def sparse_ffn_cpu(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None
                               expert_size, mode, float(tau))
 
 
+def routed_sparse_ffn_cpu(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: Tensor, w_gate: Tensor | None,
+                          w_down: Tensor, b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None,
+                          act: str, expert_size: int, tau: float) -> tuple[Tensor, Tensor] | None:
+    """Router and FFN in one C++ call (hard mode): (y [T, d_out], gates = sigmoid(x w_r^T + b_r)
+    [T, E] fp32); None without the extension (the caller computes the gates itself then)."""
+    ext = load_extension()
+    if ext is None:
+        return None
+    return ext.routed_sparse_ffn_cpu(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
+                                     expert_size, float(tau))
+
+
 @register_kernel("dense")
 def dense_masked_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
                      b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, act: str,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import autotune
-from .reference import sparse_ffn_reference
+from .reference import nan_rows_like_eager, sparse_ffn_reference
 
 Kernel = Callable[..., Tensor]  # the signature of reference.sparse_ffn_reference
 
@@ -160,3 +160,25 @@ def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | 
     args = (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)
     name, out = _choose(x, w_up, mode, gates, tau, w_gate, w_down, lambda k: get_kernel(k)(*args))
     return out if out is not None else get_kernel(name)(*args)
+
+
+def routed_sparse_ffn_forward(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: Tensor,
+                              w_gate: Tensor | None, w_down: Tensor, b_up: Tensor | None,
+                              b_gate: Tensor | None, b_down: Tensor | None, act: str,
+                              expert_size: int, tau: float) -> tuple[Tensor, Tensor]:
+    """The router G = sigmoid(x w_r^T + b_r) and the hard-mode FFN on G: (y, G), y under the ops'
+    NaN policy (`nan_rows_like_eager`).
+
+    Where `_choose` would pick the C++ kernel without looking at the gates (CPU decode, T <=
+    autotune.SMALL_T), one C++ call computes both; elsewhere the router runs as torch ops and the
+    gates go through `sparse_ffn_forward`'s choice (which needs their density)."""
+    if (_forced is None and x.device.type == "cpu" and x.shape[0] <= autotune.SMALL_T
+            and x.dtype in _FAST_DTYPES and w_up.dtype == x.dtype and w_r.dtype == torch.float32):
+        from .cpu import routed_sparse_ffn_cpu
+        out = routed_sparse_ffn_cpu(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
+                                    expert_size, tau)
+        if out is not None:
+            return out
+    gates = torch.sigmoid(torch.nn.functional.linear(x.to(w_r.dtype), w_r, b_r))
+    y = sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau)
+    return nan_rows_like_eager(x, y), gates

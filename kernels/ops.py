@@ -2,31 +2,45 @@
 
 - `lte::sparse_ffn(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)`
   the whole LTE FFN (contract in `reference.py`); what the backend rewrites FFN regions into.
+- `lte::sparse_ffn_inference(...)`: the same op for graphs that need no gradient, which is what
+  the backend lowers to when the model is compiled under `torch.no_grad()` / `inference_mode()`
+  (Dynamo guards on grad mode, so a grad-enabled call recompiles with `lte::sparse_ffn`). It is a
+  plain `torch.library` op (define + one kernel + fake), without custom_op's layers (a Python
+  autograd kernel, a dynamo-disable wrapper, an output-alias check), which cost 20-80 us per call
+  on the machines measured (benchmarks/RESULTS.md): at batch 1 on a 512-wide model, a large share
+  of what the sparsity saves.
+- `lte::routed_sparse_ffn_inference(x, w_r, b_r, w_up, ..., act, expert_size, tau) -> (y, gates)`:
+  the router G = sigmoid(x w_r^T + b_r) and the hard-mode FFN on G in one op (grad-free graphs
+  too), returning G as well (the graph stores it as the router's `last_gates`). At batch-1 decode
+  on the CPU both run in one C++ call (`dispatch.routed_sparse_ffn_forward`).
 - `lte::apply_gates(h, gates, expert_size, mode, tau)`: scales the intermediate activations
   per expert. `lte.prepare` puts it in the eager forward, so every Dynamo/export graph of a
   prepared model carries an unambiguous marker between the activation and the down projection.
 
 NaN policy: the op gives what the eager FFN gives. Eager hard mode multiplies h by the 0/1 mask,
 so a non-finite value in a token's x makes its whole output row NaN (NaN * 0 = NaN), even with every
-expert off; kernels skip off experts and would return b_down there. `sparse_ffn` therefore sets the
-rows whose x has a NaN/Inf to NaN after the kernel (one pass over x; `_nan_rows_like_eager`).
+expert off; kernels skip off experts and would return b_down there. Every sparse FFN op therefore
+sets the rows whose x has a NaN/Inf to NaN after the kernel (one pass over x;
+`reference.nan_rows_like_eager`, in C++ for the fused router path).
 
-Both are `custom_op`s with a fake (shapes static: no data-dependent size reaches Dynamo) and an
-autograd formula for soft and hard mode. In hard mode the 0/1 mask has no gradient w.r.t. the gates
+`sparse_ffn` and `apply_gates` are `custom_op`s with a fake (shapes static: no data-dependent size
+reaches Dynamo) and an autograd formula for soft and hard mode; the two inference ops share the
+fakes and refuse to run where a gradient could be asked for. In hard mode the 0/1 mask has no gradient w.r.t. the gates
 (stage 2 freezes the routers); in soft mode the gates get d(loss)/d(G).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import dispatch
-from .reference import ACTIVATIONS, MODES, activation, activation_backward, apply_gates_reference
+from .reference import (ACTIVATIONS, MODES, activation, activation_backward, apply_gates_reference,
+                        nan_rows_like_eager)
 
-__all__ = ["ACTIVATIONS", "MODES", "ApplyGatesArgs", "apply_gates", "sparse_ffn"]
+__all__ = ["ACTIVATIONS", "MODES", "ApplyGatesArgs", "apply_gates", "routed_sparse_ffn_inference", "sparse_ffn",
+           "sparse_ffn_inference"]
 
 
 def _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode):
@@ -45,41 +59,92 @@ def _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
     torch._check(mode in MODES, lambda: f"lte::sparse_ffn: mode must be one of {MODES}, got {mode!r}")
 
 
-def _args_ok(x, gates, w_up, w_gate, w_down, act, expert_size, mode) -> bool:
+def _args_ok(x, gates_shape, w_up, w_gate, w_down, act, expert_size, mode) -> bool:
     """`_check_sparse_ffn_args`'s conditions as one expression on concrete shapes: the eager hot
     path (a tenth of the torch._check calls' cost); the full check runs only to name a failure."""
-    xs, gs, us = x.shape, gates.shape, w_up.shape
+    xs, gs, us = x.shape, gates_shape, w_up.shape
     return (len(xs) == 2 and len(gs) == 2 and len(us) == 2 and xs[1] == us[1] and gs[0] == xs[0]
             and expert_size > 0 and gs[1] * expert_size == us[0] and w_down.shape[0] == us[0]
             and (w_gate is None or w_gate.shape == us) and act in ACTIVATIONS and mode in MODES)
 
 
-@torch.library.custom_op("lte::sparse_ffn", mutates_args=())
-def sparse_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
-               b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None,
-               act: str, expert_size: int, mode: str, tau: float) -> Tensor:
+def _sparse_ffn_kernel(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
+                       b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None,
+                       act: str, expert_size: int, mode: str, tau: float) -> Tensor:
     """LTE FFN over the experts selected by `gates` (see kernels/reference.py for the contract)."""
-    if not _args_ok(x, gates, w_up, w_gate, w_down, act, expert_size, mode):
+    if not _args_ok(x, gates.shape, w_up, w_gate, w_down, act, expert_size, mode):
         _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode)
     y = dispatch.sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
                                     act, expert_size, mode, tau)
-    return _nan_rows_like_eager(x, y)
+    return nan_rows_like_eager(x, y)
 
 
-def _nan_rows_like_eager(x: Tensor, y: Tensor) -> Tensor:
-    """Rows of y whose x has a NaN/Inf become NaN, as in eager (h * mask, NaN * 0 = NaN)."""
-    if x.device.type == "cpu" and math.isfinite(x.sum().item()):
-        # The common case on the hot path: one reduction and no copy of y (reading the flag costs
-        # no device sync on the CPU). A finite x whose sum overflows takes the exact path below.
-        return y
-    bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)  # [T, 1]
-    return y.masked_fill(bad, float("nan"))
+sparse_ffn = torch.library.custom_op("lte::sparse_ffn", _sparse_ffn_kernel, mutates_args=())
 
 
 @sparse_ffn.register_fake
-def _(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau):
+def _sparse_ffn_fake(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau):
     _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode)
     return x.new_empty(x.shape[0], w_down.shape[1])
+
+
+def _refuse_grad(op: str, tensors: tuple) -> None:
+    # The inference ops register no autograd kernel, and torch's fallback only warns on a backward
+    # through such an op (then gives wrong gradients): refuse to build that graph instead.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} has no gradient; call lte::sparse_ffn when a backward is needed "
+                           "(torch.compile(backend='lte') picks it when grad is enabled)")
+
+
+def _sparse_ffn_inference_kernel(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau):
+    _refuse_grad("lte::sparse_ffn_inference", (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down))
+    return _sparse_ffn_kernel(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)
+
+
+# lte::sparse_ffn_inference: the schema custom_op inferred for lte::sparse_ffn, one kernel for every
+# device (the dispatch picks the device's kernel), the same fake, no autograd: only grad-free graphs
+# call it (the backend, under no_grad / inference_mode).
+_INFERENCE_LIB = torch.library.Library("lte", "FRAGMENT")
+_INFERENCE_LIB.define(
+    "sparse_ffn_inference(Tensor x, Tensor gates, Tensor w_up, Tensor? w_gate, Tensor w_down, Tensor? b_up, "
+    "Tensor? b_gate, Tensor? b_down, str act, SymInt expert_size, str mode, float tau) -> Tensor")
+_INFERENCE_LIB.impl("sparse_ffn_inference", _sparse_ffn_inference_kernel, "CompositeExplicitAutograd")
+torch.library.register_fake("lte::sparse_ffn_inference", _sparse_ffn_fake, lib=_INFERENCE_LIB)
+sparse_ffn_inference = torch.ops.lte.sparse_ffn_inference.default
+
+
+def _check_router_args(x, w_r, b_r, w_up, expert_size):
+    torch._check(w_r.dim() == 2 and x.dim() == 2 and w_r.shape[1] == x.shape[1],
+                 lambda: f"lte::routed_sparse_ffn_inference: w_r must be [E, d={x.shape[-1]}], got {tuple(w_r.shape)}")
+    torch._check(w_r.shape[0] * expert_size == w_up.shape[0],
+                 lambda: f"lte::routed_sparse_ffn_inference: E*B = {w_r.shape[0]}*{expert_size} != N = {w_up.shape[0]}")
+    torch._check(b_r is None or tuple(b_r.shape) == (w_r.shape[0],),
+                 lambda: "lte::routed_sparse_ffn_inference: b_r must be [E]")
+
+
+def _routed_kernel(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, tau):
+    _refuse_grad("lte::routed_sparse_ffn_inference", (x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down))
+    rs = w_r.shape
+    if not (len(rs) == 2 and x.dim() == 2 and rs[1] == x.shape[1] and (b_r is None or b_r.shape == rs[:1])
+            and _args_ok(x, (x.shape[0], rs[0]), w_up, w_gate, w_down, act, expert_size, "hard")):
+        _routed_fake(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, tau)  # names it
+    return dispatch.routed_sparse_ffn_forward(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                                              act, expert_size, tau)  # NaN policy applied there
+
+
+def _routed_fake(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, tau):
+    _check_router_args(x, w_r, b_r, w_up, expert_size)
+    gates = x.new_empty(x.shape[0], w_r.shape[0], dtype=w_r.dtype)
+    _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard")
+    return x.new_empty(x.shape[0], w_down.shape[1]), gates
+
+
+_INFERENCE_LIB.define(
+    "routed_sparse_ffn_inference(Tensor x, Tensor w_r, Tensor? b_r, Tensor w_up, Tensor? w_gate, Tensor w_down, "
+    "Tensor? b_up, Tensor? b_gate, Tensor? b_down, str act, SymInt expert_size, float tau) -> (Tensor, Tensor)")
+_INFERENCE_LIB.impl("routed_sparse_ffn_inference", _routed_kernel, "CompositeExplicitAutograd")
+torch.library.register_fake("lte::routed_sparse_ffn_inference", _routed_fake, lib=_INFERENCE_LIB)
+routed_sparse_ffn_inference = torch.ops.lte.routed_sparse_ffn_inference.default
 
 
 def _sparse_ffn_setup(ctx, inputs, output):
@@ -195,8 +260,8 @@ apply_gates.register_autograd(_apply_gates_backward, setup_context=_apply_gates_
 
 
 # ----------------------------------------------------------------------------- autocast
-def _register_autocast(device_type: str) -> None:
-    """Autocast for `lte::sparse_ffn` like the linear ops it replaces: inside
+def _register_autocast(name: str, device_type: str) -> None:
+    """Autocast for `lte::<name>` (a sparse FFN op) like the linear ops it replaces: inside
     `torch.autocast(device_type, dtype=D)` its floating inputs are cast to D (the region's dtype,
     read at call time, as `F.linear` does) and it runs with autocast off; the output is D.
 
@@ -209,11 +274,11 @@ def _register_autocast(device_type: str) -> None:
     try:
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         key = getattr(torch._C.DispatchKey, key_name)
-        overload = torch.ops.lte.sparse_ffn.default
+        overload = getattr(torch.ops.lte, name).default
         exclude = torch._C.DispatchKeySet(key)
     except (AttributeError, RuntimeError):
         default = torch.bfloat16 if device_type == "cpu" else torch.float16
-        torch.library.register_autocast("lte::sparse_ffn", device_type, default)
+        torch.library.register_autocast(f"lte::{name}", device_type, default)
         return
 
     def cast_and_call(*args):
@@ -226,9 +291,10 @@ def _register_autocast(device_type: str) -> None:
     if overload.has_kernel_for_dispatch_key(key):
         overload.py_kernels.pop(key, None)
     overload.py_impl(key)(cast_and_call)
-    _AUTOCAST_LIB.impl("sparse_ffn", lambda _keyset, *args: cast_and_call(*args), key_name, with_keyset=True)
+    _AUTOCAST_LIB.impl(name, lambda _keyset, *args: cast_and_call(*args), key_name, with_keyset=True)
 
 
 _AUTOCAST_LIB = torch.library.Library("lte", "IMPL")
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)
+for _name in ("sparse_ffn", "sparse_ffn_inference"):
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_name, _device_type)

@@ -12,6 +12,8 @@ It computes every expert (reads all weights): clear, not fast.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -103,3 +105,14 @@ def sparse_ffn_reference(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor 
     h = apply_gates_reference(h, gates, expert_size, mode, tau)
     y = h @ w_down  # reads all N rows of W_down^T: [T, d_out]
     return y if b_down is None else y + b_down
+
+
+def nan_rows_like_eager(x: Tensor, y: Tensor) -> Tensor:
+    """The ops' NaN policy: rows of y whose x has a NaN/Inf become NaN, as in the eager masked FFN
+    (h * mask, NaN * 0 = NaN) where a kernel skipping off experts would give b_down."""
+    if x.device.type == "cpu" and math.isfinite(x.sum().item()):
+        # The common case on the hot path: one reduction and no copy of y (reading the flag costs
+        # no device sync on the CPU). A finite x whose sum overflows takes the exact path below.
+        return y
+    bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)  # [T, 1]
+    return y.masked_fill(bad, float("nan"))

@@ -6,6 +6,9 @@ Dynamo hands us one graph per compiled region (and per recompile: the pass is id
 `find_ffns` locates the FFNs; those prepared by `lte.prepare` (an `lte.apply_gates` marker in the
 graph) become one `lte::sparse_ffn` call each; the graph then goes to Inductor's `compile_fx`,
 which runs AOTAutograd itself, so training through the compiled model uses the op's autograd.
+A graph traced with grad disabled (`torch.no_grad()` / `inference_mode()`: Dynamo guards on the grad
+mode, so enabling it recompiles) calls the ops without autograd layers instead, and in hard mode
+with the router fused in (`lte::routed_sparse_ffn_inference`: one C++ call per FFN at decode).
 Rewriting before AOTAutograd (not in a post-grad hook) is what makes backward work and keeps the
 rewritten graph in Inductor's cache key without uuid bookkeeping
 (a post-grad pass would run after the backward graph exists, too late for `register_autograd`).
@@ -25,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
 from .errors import ConfigError
@@ -78,6 +82,10 @@ class CompileRecord:
     near_misses: list[str]
     rewrite_seconds: float
     inner: str
+    inference: bool = False
+    """The graph was traced with grad disabled: its FFNs call the ops without autograd."""
+    fused_routers: list[str] = dataclasses.field(default_factory=list)
+    """FFNs whose router runs inside the op (`lte::routed_sparse_ffn_inference`)."""
 
 
 history: deque[CompileRecord] = deque(maxlen=64)
@@ -95,12 +103,14 @@ def lte_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict[str, 
     start = time.perf_counter()
     report = find_ffns(gm, example_inputs)
     prepared = [m for m in report.matches if m.prepared]
-    rewritten, skipped = [], []
+    rewritten, skipped, fused = [], [], []
+    inference = not torch.is_grad_enabled()  # Dynamo guards on the grad mode it traced under
     if opts.rewrite and prepared:
-        res = rewrite_ffns(gm, report)
-        rewritten, skipped = res.rewritten, res.skipped
+        res = rewrite_ffns(gm, report, inference=inference)
+        rewritten, skipped, fused = res.rewritten, res.skipped, res.fused_routers
     record = CompileRecord(len(report.matches), len(prepared), rewritten, skipped,
-                           [str(n) for n in report.near_misses], time.perf_counter() - start, opts.inner)
+                           [str(n) for n in report.near_misses], time.perf_counter() - start, opts.inner,
+                           inference, fused)
     history.append(record)
     _log_summary(record)
     if opts.dump_graph:

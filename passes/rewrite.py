@@ -12,10 +12,16 @@ After:
 `lte_ffn_region` flattens tokens, takes the fused/transposed weight views, and calls the op, so
 the graph gains one node per FFN and no new parameters (Dynamo cannot add any). The pass is
 idempotent: a rewritten graph has no `apply_gates` node left, so a second run changes nothing.
+
+Grad-free graphs (`inference=True`) in hard mode go one step further when G is the router's own
+`sigmoid(linear(x.detach().to(float32), W_r, b_r))` of the FFN's input: `lte_routed_ffn_region`
+takes W_r, b_r and computes G inside the op (one C++ call at batch-1 decode on the CPU), returning
+G too, which replaces the router's nodes for their other users (the stored `last_gates`).
 """
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor, fx
 
 from .ffn import FFNMatch, FFNReport, LinearRef, ProjectionSpec
+from .fx_utils import arg, op_name
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +39,9 @@ _DROPOUTS = {torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.
 def lte_ffn_region(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
                    b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, *,
                    act: str, expert_size: int, mode: str, tau: float, up: tuple,
-                   gate: tuple | None, down: tuple) -> Tensor:
-    """x: [..., d], gates: [..., E] -> y: [..., d_out] through `lte::sparse_ffn` on [T, d] tokens.
+                   gate: tuple | None, down: tuple, inference: bool = False) -> Tensor:
+    """x: [..., d], gates: [..., E] -> y: [..., d_out] through `lte::sparse_ffn` on [T, d] tokens
+    (`lte::sparse_ffn_inference`, the same op without autograd support, when `inference`).
 
     `up`/`gate`/`down` are `ProjectionSpec` layouts `(transposed, rows, down)` (plain tuples: FX writes
     node arguments into generated code as literals): how each stored weight maps to the op's
@@ -41,12 +49,30 @@ def lte_ffn_region(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None
     up, down = ProjectionSpec("", None, *up), ProjectionSpec("", None, *down)
     gate = None if gate is None else ProjectionSpec("", None, *gate)
     w_down_rows = down.neuron_rows(w_down)  # [N, d_out]
-    y = torch.ops.lte.sparse_ffn(
+    op = torch.ops.lte.sparse_ffn_inference if inference else torch.ops.lte.sparse_ffn
+    y = op(
         x.reshape(-1, x.shape[-1]), gates.reshape(-1, gates.shape[-1]), up.neuron_rows(w_up),
         None if w_gate is None else gate.neuron_rows(w_gate), w_down_rows,
         up.bias_rows(b_up), None if gate is None else gate.bias_rows(b_gate), b_down,
         act, expert_size, mode, tau)
     return y.reshape(*x.shape[:-1], w_down_rows.shape[1])
+
+
+def lte_routed_ffn_region(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: Tensor, w_gate: Tensor | None,
+                          w_down: Tensor, b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None,
+                          *, act: str, expert_size: int, tau: float, up: tuple, gate: tuple | None,
+                          down: tuple) -> tuple[Tensor, Tensor]:
+    """x: [..., d] -> (y [..., d_out], G [..., E]) through `lte::routed_sparse_ffn_inference`
+    (hard mode, no autograd): the router sigmoid(x W_r^T + b_r) computed inside the op."""
+    up, down = ProjectionSpec("", None, *up), ProjectionSpec("", None, *down)
+    gate = None if gate is None else ProjectionSpec("", None, *gate)
+    w_down_rows = down.neuron_rows(w_down)
+    y, gates = torch.ops.lte.routed_sparse_ffn_inference(
+        x.reshape(-1, x.shape[-1]), w_r, b_r, up.neuron_rows(w_up),
+        None if w_gate is None else gate.neuron_rows(w_gate), w_down_rows,
+        up.bias_rows(b_up), None if gate is None else gate.bias_rows(b_gate), b_down,
+        act, expert_size, tau)
+    return y.reshape(*x.shape[:-1], w_down_rows.shape[1]), gates.reshape(*x.shape[:-1], w_r.shape[0])
 
 
 @dataclass
@@ -57,14 +83,19 @@ class RewriteResult:
     modified: bool
     rewritten: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    fused_routers: list[str] = field(default_factory=list)  # FFNs whose router the op computes
     seconds: float = 0.0
 
 
-def rewrite_ffns(gm: fx.GraphModule, report: FFNReport) -> RewriteResult:
-    """Replace every prepared match (one with an `lte.apply_gates` node) by `lte_ffn_region`."""
+def rewrite_ffns(gm: fx.GraphModule, report: FFNReport, *, inference: bool = False) -> RewriteResult:
+    """Replace every prepared match (one with an `lte.apply_gates` node) by `lte_ffn_region`.
+
+    `inference`: the graph will never be differentiated (compiled under no_grad / inference_mode),
+    so the regions call `lte::sparse_ffn_inference`, which skips custom_op's per-call layers."""
     start = time.perf_counter()
     result = RewriteResult(gm, False)
     replaced: dict[fx.Node, fx.Node] = {}  # an earlier FFN's output -> its lte_ffn_region node
+    fuse_routers = inference and not _has_autocast(gm.graph)  # autocast would change the router's dtype
     for m in report.matches:
         if not m.prepared:
             continue
@@ -73,8 +104,15 @@ def rewrite_ffns(gm: fx.GraphModule, report: FFNReport) -> RewriteResult:
             result.skipped.append(f"{m.module}: {reason}")
             logger.warning("lte rewrite: %s: %s; this FFN runs unfused (masked dense)", m.module, reason)
             continue
-        replaced[m.output_node] = _rewrite_one(gm.graph, m, replaced)
+        router = _fusable_router(m, replaced) if fuse_routers and m.mode == "hard" else None
+        if router is not None:
+            replaced[m.output_node] = _rewrite_routed(gm.graph, m, replaced, *router)
+            result.fused_routers.append(m.module)
+        else:
+            replaced[m.output_node] = _rewrite_one(gm.graph, m, replaced, inference)
         _erase_dead_region(gm.graph, m)
+        if router is not None:
+            _erase_dead_chain(gm.graph, m.gates_node)
         result.rewritten.append(m.module)
     if result.rewritten:
         gm.graph.lint()
@@ -96,6 +134,45 @@ def _erase_dead_region(graph: fx.Graph, m: FFNMatch) -> None:
     for node in reversed(region):  # users come after their inputs: erase from the end
         if not node.users:
             graph.erase_node(node)
+
+
+def _erase_dead_chain(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase `node` and then its inputs, as long as nothing else uses them (a fused router)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        inputs = [a for a in n.all_input_nodes]
+        graph.erase_node(n)
+        todo.extend(inputs)
+
+
+_ROUTER_INPUT_OPS = frozenset({"detach", "to", "contiguous", "alias", "clone"})
+
+
+def _has_autocast(graph: fx.Graph) -> bool:
+    return any(n.op == "call_function" and "autocast" in str(n.target) for n in graph.nodes)
+
+
+def _fusable_router(m: FFNMatch, replaced: dict[fx.Node, fx.Node]) -> tuple[fx.Node, fx.Node | None] | None:
+    """(W_r, b_r) when the gates are LTERouter's `sigmoid(linear(x.detach().to(float32), W_r, b_r))`
+    on this FFN's own input x with fp32 weights (what the routed op computes), else None."""
+    g = m.gates_node
+    lin = g.args[0] if op_name(g) == "sigmoid" and g.args else None
+    if not isinstance(lin, fx.Node) or op_name(lin) != "linear" or len(lin.users) != 1:
+        return None
+    src = arg(lin, 0, "input")
+    inputs = {m.input_node, replaced.get(m.input_node, m.input_node)}
+    while isinstance(src, fx.Node) and src not in inputs and op_name(src) in _ROUTER_INPUT_OPS:
+        src = src.args[0]
+    w, b = arg(lin, 1, "weight"), arg(lin, 2, "bias")
+    w_val, g_val = _meta(w) if isinstance(w, fx.Node) else None, _meta(g)
+    if src not in inputs or w_val is None or g_val is None:
+        return None
+    if w_val.dtype != torch.float32 or w_val.dim() != 2 or g_val.dtype != torch.float32:
+        return None
+    return w, b
 
 
 def _cannot_rewrite(m: FFNMatch) -> str | None:
@@ -128,7 +205,7 @@ def _layout(ref: LinearRef, down: bool = False) -> tuple:
     return (ref.transposed, ref.rows, down)
 
 
-def _rewrite_one(graph: fx.Graph, m: FFNMatch, replaced: dict[fx.Node, fx.Node]) -> fx.Node:
+def _rewrite_one(graph: fx.Graph, m: FFNMatch, replaced: dict[fx.Node, fx.Node], inference: bool) -> fx.Node:
     """Insert `lte_ffn_region` for `m`; x may be the output of an FFN rewritten before (stacked
     FFNs, `nn.Sequential(ffn, ffn)`): `replaced` maps that erased node to its replacement."""
     w_up, b_up = _weight(m.up)
@@ -136,11 +213,37 @@ def _rewrite_one(graph: fx.Graph, m: FFNMatch, replaced: dict[fx.Node, fx.Node])
     w_down, b_down = _weight(m.down)
     kwargs = dict(act=m.activation, expert_size=m.expert_size, mode=m.mode, tau=m.tau,
                   up=_layout(m.up), gate=_layout(m.gate) if m.gate is not None else None,
-                  down=_layout(m.down, down=True))
+                  down=_layout(m.down, down=True), inference=inference)
     with graph.inserting_before(m.output_node):
         x, gates = (replaced.get(n, n) for n in (m.input_node, m.gates_node))
         new = graph.call_function(lte_ffn_region, (x, gates, w_up, w_gate, w_down,
                                                    b_up, b_gate, b_down), kwargs)
-    new.meta.update({k: v for k, v in m.output_node.meta.items() if k in ("example_value", "val", "stack_trace", "nn_module_stack")})
+    _copy_meta(m.output_node, new)
     m.output_node.replace_all_uses_with(new)
     return new
+
+
+def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    dst.meta.update({k: v for k, v in src.meta.items() if k in ("example_value", "val", "stack_trace", "nn_module_stack")})
+
+
+def _rewrite_routed(graph: fx.Graph, m: FFNMatch, replaced: dict[fx.Node, fx.Node],
+                    w_r: fx.Node, b_r: fx.Node | None) -> fx.Node:
+    """Insert `lte_routed_ffn_region` for `m` (router fused); its y replaces the FFN's output and
+    its G the router's sigmoid for every other user. Returns the y node."""
+    w_up, b_up = _weight(m.up)
+    w_gate, b_gate = _weight(m.gate)
+    w_down, b_down = _weight(m.down)
+    kwargs = dict(act=m.activation, expert_size=m.expert_size, tau=m.tau, up=_layout(m.up),
+                  gate=_layout(m.gate) if m.gate is not None else None, down=_layout(m.down, down=True))
+    with graph.inserting_before(m.output_node):
+        x = replaced.get(m.input_node, m.input_node)
+        new = graph.call_function(lte_routed_ffn_region, (x, w_r, b_r, w_up, w_gate, w_down,
+                                                          b_up, b_gate, b_down), kwargs)
+        y = graph.call_function(operator.getitem, (new, 0))
+        gates = graph.call_function(operator.getitem, (new, 1))
+    _copy_meta(m.output_node, y)
+    _copy_meta(m.gates_node, gates)
+    m.output_node.replace_all_uses_with(y)
+    m.gates_node.replace_all_uses_with(gates, delete_user_cb=lambda user: user is not m.apply_gates_node)
+    return y

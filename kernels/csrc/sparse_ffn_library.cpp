@@ -21,14 +21,6 @@
 
 namespace {
 
-// The NaN policy of kernels/ops.py: rows whose x has a NaN/Inf are NaN, as in the eager masked
-// FFN (NaN * 0 = NaN); the kernel skips off experts and would return b_down there.
-torch::Tensor nan_rows_like_eager(const torch::Tensor& x, torch::Tensor y) {
-  if (at::isfinite(x.sum()).item<bool>()) return y;
-  auto bad = at::logical_not(at::isfinite(x).all(-1, /*keepdim=*/true));
-  return y.masked_fill(bad, std::numeric_limits<double>::quiet_NaN());
-}
-
 torch::Tensor sparse_ffn_op(torch::Tensor x, torch::Tensor gates, torch::Tensor w_up,
                             c10::optional<torch::Tensor> w_gate, torch::Tensor w_down,
                             c10::optional<torch::Tensor> b_up, c10::optional<torch::Tensor> b_gate,

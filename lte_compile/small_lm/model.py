@@ -66,9 +66,8 @@ class LMSpec:
 ARCHS: dict[str, LMSpec] = {
     # 5.2M parameters (tied embeddings); 32 experts of 32 neurons per FFN.
     "llama": LMSpec("llama", d_model=256, n_layers=4, n_heads=4, d_ff=1024, steps=900, lr=1.5e-3),
-    # 2.6M parameters; 24 experts per FFN. Smaller and shorter, as the second architecture (not yet
-    # retrained at the llama budget: val ppl 177.4).
-    "gpt2": LMSpec("gpt2", d_model=192, n_layers=4, n_heads=4, d_ff=768, steps=250, lr=1.5e-3),
+    # The llama's width and budget with GPT-2's blocks; 32 experts per FFN.
+    "gpt2": LMSpec("gpt2", d_model=256, n_layers=4, n_heads=4, d_ff=1024, steps=1300, lr=2e-3),
 }
 
 

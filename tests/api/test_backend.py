@@ -59,6 +59,13 @@ def test_compiled_matches_eager_with_inductor(prepared_llama, mode):
     rec = lte_backend_mod.history[-1]
     assert rec.rewritten == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert rec.inner == "inductor"
+    assert rec.inference, "compiled under no_grad: the FFNs call the ops without autograd"
+    assert rec.fused_routers == (rec.rewritten if mode == "hard" else []), "hard mode: routers in the op"
+    if mode == "hard":  # the fused op hands back the gates the router stores, as eager does
+        compiled_gates = {k: v.clone() for k, v in lte.gates(prepared_llama).items()}
+        run(prepared_llama, x)
+        for k, v in lte.gates(prepared_llama).items():
+            torch.testing.assert_close(compiled_gates[k], v, atol=1e-6, rtol=1e-5)
     gates = lte.gates(prepared_llama)["model.layers.0.mlp"]
     on = (gates > 0.5).float().mean().item()
     assert 0.0 < on < 1.0, f"the test needs a ragged mask, got {on:.2f} experts on"
@@ -88,6 +95,7 @@ def test_backward_through_compiled_soft_mode(prepared_llama):
     ref = grads(prepared_llama)
     got = grads(compile_lte(prepared_llama, fullgraph=True, options={"lte.inner": "aot_eager"}))
     assert lte_backend_mod.history[-1].rewritten
+    assert not lte_backend_mod.history[-1].inference  # grad enabled: the op with autograd
     for i, (a, b) in enumerate(zip(got, ref)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"grad {i}")
 

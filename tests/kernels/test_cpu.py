@@ -1,14 +1,16 @@
 """CPU kernels (kernels/cpu.py): the C++ gathered kernel and the pure-torch fallback vs the naive loop."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lte_compile.kernels import ACTIVATIONS, cpu, sparse_ffn_reference
+from lte_compile.kernels import ACTIVATIONS, cpu, ops, sparse_ffn_reference
 from lte_compile.testing import TAU, FFNCase, assert_matches_naive, examples, gate_mask, sparse_ffn_cases
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,6 +34,31 @@ def test_cpp_kernel_matches_naive_many_tokens(case):
     4- and 2-row up blocks with a one-row ragged end (odd B), d and column tails, several column
     tiles of the down phase."""
     assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, "C++ kernel, many tokens")
+
+
+@needs_ext
+@settings(max_examples=examples(150))
+@given(case=sparse_ffn_cases(dtypes=DTYPES, max_T=7, max_E=9, modes=("hard",)),
+       router=st.sampled_from(["drawn", "all off", "all on"]))
+def test_routed_op_matches_float64_router_and_naive(case, router):
+    """lte::routed_sparse_ffn_inference: T <= 4 runs the router inside the C++ kernel, T > 4 as
+    torch ops. Its gates equal the float64 sigmoid(x w_r^T + b_r); its mask agrees wherever the
+    float64 gate is clear of tau; y equals the naive loop on that mask (empty / full via b_r)."""
+    T, d = case.x.shape
+    E = case.gates.shape[1]
+    g = torch.Generator().manual_seed(97 * T + d)
+    w_r = torch.randn(E, d, generator=g) / d ** 0.5
+    b_r = {"drawn": torch.randn(E, generator=g), "all off": torch.full((E,), -40.0),
+           "all on": torch.full((E,), 40.0)}[router]
+    args = case.args()
+    with torch.no_grad():
+        y, gates = ops.routed_sparse_ffn_inference(args[0], w_r, b_r, *args[2:10], TAU)
+    g64 = torch.sigmoid(F.linear(args[0].double(), w_r.double(), b_r.double()))
+    assert gates.dtype == torch.float32
+    torch.testing.assert_close(gates.double(), g64, atol=1e-6, rtol=0)
+    clear = (g64 - TAU).abs() > 1e-5
+    assert torch.equal((gates > TAU)[clear], (g64 > TAU)[clear])
+    assert_matches_naive(y, dataclasses.replace(case, gates=gates), f"routed op ({router})")
 
 
 @needs_ext

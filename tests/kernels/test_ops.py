@@ -106,6 +106,45 @@ def test_opcheck_sparse_ffn(mode, glu, bias):
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_inference_op_equals_the_autograd_op_and_passes_opcheck(mode):
+    """lte::sparse_ffn_inference: the same forward and fake, no autograd (opcheck's autograd test
+    skipped: a backward through it must fail, below)."""
+    args = _sample(mode, True, True)
+    torch.testing.assert_close(ops.sparse_ffn_inference(*args), ops.sparse_ffn(*args), atol=0, rtol=0)
+    torch.library.opcheck(ops.sparse_ffn_inference, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_inference_op_refuses_a_backward():
+    args = list(_sample("soft", True, True))
+    args[2] = args[2].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="has no gradient"):
+        ops.sparse_ffn_inference(*args)
+    with torch.no_grad():  # the same inputs without grad mode: allowed
+        torch.testing.assert_close(ops.sparse_ffn_inference(*args), ops.sparse_ffn(*args))
+
+
+@pytest.mark.parametrize("T", [3, 6])  # the C++ router path (T <= 4) and the torch one
+def test_routed_op_nan_rows_and_opcheck(T):
+    """lte::routed_sparse_ffn_inference: a NaN in a token's x makes its y row (and gates) NaN, as
+    the eager masked FFN does even with every expert off; other rows stay finite; fake and schema
+    pass opcheck."""
+    x, _, w_up, w_gate, w_down, b_up, b_gate, b_down, act, B, _, tau = _sample("hard", T=T)
+    g = torch.Generator().manual_seed(11)
+    w_r, b_r = torch.randn(w_up.shape[0] // B, x.shape[1], generator=g), torch.full((w_up.shape[0] // B,), -40.0)
+    x = x.clone()
+    x[1, 2] = float("nan")
+    with torch.no_grad():
+        y, gates = ops.routed_sparse_ffn_inference(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act, B, tau)
+    assert torch.isnan(y[1]).all() and torch.isnan(gates[1]).all()
+    keep = [i for i in range(T) if i != 1]
+    assert torch.isfinite(y[keep]).all() and torch.equal(y[keep], b_down.expand(T - 1, -1))  # every expert off
+    torch.library.opcheck(ops.routed_sparse_ffn_inference, (x.nan_to_num(), w_r, None, w_up, w_gate, w_down,
+                                                            b_up, b_gate, b_down, act, B, tau),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_opcheck_apply_gates(mode):
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 3, 8, generator=g, requires_grad=True)

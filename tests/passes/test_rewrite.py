@@ -9,11 +9,12 @@ import torch
 import lte_compile as lte
 from lte_compile import backend as lte_backend_mod
 from lte_compile.passes import find_ffns
-from lte_compile.passes.rewrite import lte_ffn_region, rewrite_ffns
+from lte_compile.passes.rewrite import lte_ffn_region, lte_routed_ffn_region, rewrite_ffns
 from tests.api.conftest import build, ids, run
 
 APPLY_GATES = "lte.apply_gates"
 REGION = lte_ffn_region.__name__
+ROUTED = lte_routed_ffn_region.__name__
 
 
 def _count(gm: torch.fx.GraphModule, name: str) -> int:
@@ -59,10 +60,25 @@ def test_rewrite_replaces_every_marker_and_compiles_once():
     before, after = rec.before[0], rec.after[0]
     assert _count(before, APPLY_GATES) == n_ffns and _count(before, REGION) == 0
     assert _count(after, APPLY_GATES) == 0, "no apply_gates marker survives the rewrite"
-    assert _count(after, REGION) == n_ffns, "one fused sparse FFN per prepared FFN"
+    # hard mode under no_grad: one fused op per FFN with its router inside (no sigmoid left)
+    assert _count(after, ROUTED) == n_ffns and _count(after, REGION) == 0, "one fused sparse FFN per prepared FFN"
+    assert _count(before, "sigmoid") == n_ffns and _count(after, "sigmoid") == 0
     after.graph.lint()
     torch.testing.assert_close(out1, ref, atol=1e-5, rtol=1e-4)
     assert out2.shape == out1.shape
+
+
+def test_rewrite_keeps_the_router_outside_when_grad_is_on():
+    """Grad enabled (soft mode, training): `lte_ffn_region` on the autograd op, router nodes kept."""
+    model = _prepared_llama("soft")
+    torch._dynamo.reset()
+    rec = RecordingBackend()
+    run(torch.compile(model, backend=rec, fullgraph=True), ids(1, 5))
+    after = rec.after[0]
+    n_ffns = len(lte.routers(model))
+    regions = [n for n in after.graph.nodes if getattr(n.target, "__name__", None) == REGION]
+    assert len(regions) == n_ffns and not any(n.kwargs["inference"] for n in regions)
+    assert _count(after, ROUTED) == 0 and _count(after, "sigmoid") == n_ffns
 
 
 def test_rewrite_is_idempotent():
