@@ -376,11 +376,12 @@ def profile_step(args) -> str:
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
 
-    dense, cfg = build(args, torch.float32)
+    dtype = getattr(torch, args.dtypes[0])
+    dense, cfg = build(args, dtype)
     sparse = prepare_sparse(dense, cfg, args)
     set_biases(sparse, calibrate(sparse, cfg, args.profile, args))
     prompt = torch.randint(cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(args.seed + 3))
-    lines = ["", f"## Profile of a batch-1 decode step (fp32, s = {args.profile}, {args.layers} layers, "
+    lines = ["", f"## Profile of a batch-1 decode step ({args.dtypes[0]}, s = {args.profile}, {args.layers} layers, "
              f"{torch.get_num_threads()} threads; ms per step, self CPU time, top ops)", ""]
     for name, model, backend in (("dense", dense, "inductor"), ("lte", sparse, "lte")):
         fn = torch.compile(model.forward, backend=backend, dynamic=False)
@@ -415,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breakdown", action="store_true", help="also print the per-FFN cost split at batch 1")
     p.add_argument("--no-decode", action="store_true", help="only the breakdown / profile")
     p.add_argument("--profile", type=float, default=None, metavar="S",
-                   help="also profile one batch-1 decode step per op (torch.profiler), dense and lte at sparsity S")
+                   help="also profile one batch-1 decode step per op (torch.profiler), dense and lte at sparsity S "
+                   "(in the first of --dtypes)")
     p.add_argument("--out", default=None, help="write the markdown table to this file")
     args = p.parse_args(argv)
     args.layers = args.layers or (2 if args.quick else 4)
