@@ -644,16 +644,16 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
   const int64_t A = static_cast<int64_t>(active.size());
   const int64_t Bh = bf16_pairs(B);
   (void)hb; (void)Bh;  // the dp path only (LTE_BF16_DP builds)
-  // Column tile: the y tiles of all T tokens should stay in L2 (256 KB); at batch 1 a thread
-  // streams its whole column range of each row. Row segments are >= 256 floats.
-  int64_t ct = (int64_t{1} << 16) / std::max<int64_t>(T, 1);
-  ct = std::max<int64_t>(256, (ct / 64) * 64);
+  // Column tile: the y tiles of all T tokens should stay in L2 (256 KB); at batch 1 each thread
+  // streams its own column range of every row (row segments >= 256 floats): one tile per thread,
+  // or the whole down phase (a third of the FFN's bytes) would run on one core.
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  int64_t ct = std::max<int64_t>(256, ((d_out + nth - 1) / nth + 63) / 64 * 64);
   if (T > 1) {
     // Batches: the y tile may shrink to 64 columns (T = 2048: 512 KB, in L2; 256 columns = 2 MB
     // spilled to L3 and halved the down phase's rate), and every thread gets a tile (at T = 16 a
     // single 4096-column tile would run on one core).
     ct = std::max<int64_t>(64, ((int64_t{1} << 16) / T) / 64 * 64);
-    const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
     ct = std::min(ct, std::max<int64_t>(64, ((d_out + nth - 1) / nth + 63) / 64 * 64));
   }
   const int64_t ntiles = (d_out + ct - 1) / ct;

@@ -37,6 +37,20 @@ def test_cpp_kernel_matches_naive_many_tokens(case):
 
 
 @needs_ext
+@settings(max_examples=examples(60))
+@given(case=sparse_ffn_cases(dtypes=DTYPES, max_T=1, max_d=1100, max_E=4), threads=st.sampled_from([2, 3]))
+def test_cpp_kernel_batch1_column_split_matches_naive(case, threads):
+    """Batch 1 splits the down phase's columns into one range per thread (>= 256 columns each):
+    wide outputs, several threads, ranges that do not divide d_out."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, f"C++ kernel, T=1, {threads} threads")
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_ext
 @settings(max_examples=examples(150))
 @given(case=sparse_ffn_cases(dtypes=DTYPES, max_T=7, max_E=9, modes=("hard",)),
        router=st.sampled_from(["drawn", "all off", "all on"]))
