@@ -105,12 +105,21 @@ def _sparse_ffn_inference_kernel(x, gates, w_up, w_gate, w_down, b_up, b_gate, b
 # device (the dispatch picks the device's kernel), the same fake, no autograd: only grad-free graphs
 # call it (the backend, under no_grad / inference_mode).
 _INFERENCE_LIB = torch.library.Library("lte", "FRAGMENT")
-_INFERENCE_LIB.define(
+
+
+def _define_inference_op(schema: str, kernel, fake) -> torch._ops.OpOverload:
+    """`lte::<schema>` with `kernel` for every device and `fake` for tracing; no autograd."""
+    name = schema.split("(", 1)[0]
+    _INFERENCE_LIB.define(schema)
+    _INFERENCE_LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"lte::{name}", fake, lib=_INFERENCE_LIB)
+    return getattr(torch.ops.lte, name).default
+
+
+sparse_ffn_inference = _define_inference_op(
     "sparse_ffn_inference(Tensor x, Tensor gates, Tensor w_up, Tensor? w_gate, Tensor w_down, Tensor? b_up, "
-    "Tensor? b_gate, Tensor? b_down, str act, SymInt expert_size, str mode, float tau) -> Tensor")
-_INFERENCE_LIB.impl("sparse_ffn_inference", _sparse_ffn_inference_kernel, "CompositeExplicitAutograd")
-torch.library.register_fake("lte::sparse_ffn_inference", _sparse_ffn_fake, lib=_INFERENCE_LIB)
-sparse_ffn_inference = torch.ops.lte.sparse_ffn_inference.default
+    "Tensor? b_gate, Tensor? b_down, str act, SymInt expert_size, str mode, float tau) -> Tensor",
+    _sparse_ffn_inference_kernel, _sparse_ffn_fake)
 
 
 def _check_router_args(x, w_r, b_r, w_up, expert_size):
@@ -139,12 +148,10 @@ def _routed_fake(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act, e
     return x.new_empty(x.shape[0], w_down.shape[1]), gates
 
 
-_INFERENCE_LIB.define(
+routed_sparse_ffn_inference = _define_inference_op(
     "routed_sparse_ffn_inference(Tensor x, Tensor w_r, Tensor? b_r, Tensor w_up, Tensor? w_gate, Tensor w_down, "
-    "Tensor? b_up, Tensor? b_gate, Tensor? b_down, str act, SymInt expert_size, float tau) -> (Tensor, Tensor)")
-_INFERENCE_LIB.impl("routed_sparse_ffn_inference", _routed_kernel, "CompositeExplicitAutograd")
-torch.library.register_fake("lte::routed_sparse_ffn_inference", _routed_fake, lib=_INFERENCE_LIB)
-routed_sparse_ffn_inference = torch.ops.lte.routed_sparse_ffn_inference.default
+    "Tensor? b_up, Tensor? b_gate, Tensor? b_down, str act, SymInt expert_size, float tau) -> (Tensor, Tensor)",
+    _routed_kernel, _routed_fake)
 
 
 def _sparse_ffn_setup(ctx, inputs, output):
