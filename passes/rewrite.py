@@ -46,16 +46,19 @@ def lte_ffn_region(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None
     `up`/`gate`/`down` are `ProjectionSpec` layouts `(transposed, rows, down)` (plain tuples: FX writes
     node arguments into generated code as literals): how each stored weight maps to the op's
     [N, d] / [N, d_out] neuron rows (views: no copy when the weights are in kernel layout)."""
+    rows = _neuron_rows(w_up, w_gate, w_down, b_up, b_gate, up, gate, down)
+    op = torch.ops.lte.sparse_ffn_inference if inference else torch.ops.lte.sparse_ffn
+    y = op(x.reshape(-1, x.shape[-1]), gates.reshape(-1, gates.shape[-1]), *rows, b_down,
+           act, expert_size, mode, tau)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _neuron_rows(w_up, w_gate, w_down, b_up, b_gate, up: tuple, gate: tuple | None, down: tuple) -> tuple:
+    """(w_up, w_gate, w_down, b_up, b_gate) as the op's neuron rows ([N, d], [N, d_out], [N])."""
     up, down = ProjectionSpec("", None, *up), ProjectionSpec("", None, *down)
     gate = None if gate is None else ProjectionSpec("", None, *gate)
-    w_down_rows = down.neuron_rows(w_down)  # [N, d_out]
-    op = torch.ops.lte.sparse_ffn_inference if inference else torch.ops.lte.sparse_ffn
-    y = op(
-        x.reshape(-1, x.shape[-1]), gates.reshape(-1, gates.shape[-1]), up.neuron_rows(w_up),
-        None if w_gate is None else gate.neuron_rows(w_gate), w_down_rows,
-        up.bias_rows(b_up), None if gate is None else gate.bias_rows(b_gate), b_down,
-        act, expert_size, mode, tau)
-    return y.reshape(*x.shape[:-1], w_down_rows.shape[1])
+    return (up.neuron_rows(w_up), None if w_gate is None else gate.neuron_rows(w_gate), down.neuron_rows(w_down),
+            up.bias_rows(b_up), None if gate is None else gate.bias_rows(b_gate))
 
 
 def lte_routed_ffn_region(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: Tensor, w_gate: Tensor | None,
@@ -64,15 +67,10 @@ def lte_routed_ffn_region(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: Tens
                           down: tuple) -> tuple[Tensor, Tensor]:
     """x: [..., d] -> (y [..., d_out], G [..., E]) through `lte::routed_sparse_ffn_inference`
     (hard mode, no autograd): the router sigmoid(x W_r^T + b_r) computed inside the op."""
-    up, down = ProjectionSpec("", None, *up), ProjectionSpec("", None, *down)
-    gate = None if gate is None else ProjectionSpec("", None, *gate)
-    w_down_rows = down.neuron_rows(w_down)
+    w_up, w_gate, w_down, b_up, b_gate = _neuron_rows(w_up, w_gate, w_down, b_up, b_gate, up, gate, down)
     y, gates = torch.ops.lte.routed_sparse_ffn_inference(
-        x.reshape(-1, x.shape[-1]), w_r, b_r, up.neuron_rows(w_up),
-        None if w_gate is None else gate.neuron_rows(w_gate), w_down_rows,
-        up.bias_rows(b_up), None if gate is None else gate.bias_rows(b_gate), b_down,
-        act, expert_size, tau)
-    return y.reshape(*x.shape[:-1], w_down_rows.shape[1]), gates.reshape(*x.shape[:-1], w_r.shape[0])
+        x.reshape(-1, x.shape[-1]), w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, tau)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), gates.reshape(*x.shape[:-1], gates.shape[-1])
 
 
 @dataclass
@@ -91,7 +89,8 @@ def rewrite_ffns(gm: fx.GraphModule, report: FFNReport, *, inference: bool = Fal
     """Replace every prepared match (one with an `lte.apply_gates` node) by `lte_ffn_region`.
 
     `inference`: the graph will never be differentiated (compiled under no_grad / inference_mode),
-    so the regions call `lte::sparse_ffn_inference`, which skips custom_op's per-call layers."""
+    so the regions call the ops without custom_op's per-call layers, with the router inside the op
+    (`lte_routed_ffn_region`) where `_fusable_router` finds it."""
     start = time.perf_counter()
     result = RewriteResult(gm, False)
     replaced: dict[fx.Node, fx.Node] = {}  # an earlier FFN's output -> its lte_ffn_region node
@@ -143,7 +142,7 @@ def _erase_dead_chain(graph: fx.Graph, node: fx.Node) -> None:
         n = todo.pop()
         if n.users or n.op in ("placeholder", "get_attr", "output"):
             continue
-        inputs = [a for a in n.all_input_nodes]
+        inputs = list(n.all_input_nodes)
         graph.erase_node(n)
         todo.extend(inputs)
 
@@ -205,19 +204,23 @@ def _layout(ref: LinearRef, down: bool = False) -> tuple:
     return (ref.transposed, ref.rows, down)
 
 
+def _region_args(m: FFNMatch) -> tuple:
+    """The match's weight / bias nodes (up, gate, down weights; up, gate, down biases) and the
+    region's common keyword arguments (activation, expert layout, tau, projection layouts)."""
+    (w_up, b_up), (w_gate, b_gate), (w_down, b_down) = _weight(m.up), _weight(m.gate), _weight(m.down)
+    kwargs = dict(act=m.activation, expert_size=m.expert_size, tau=m.tau, up=_layout(m.up),
+                  gate=_layout(m.gate) if m.gate is not None else None, down=_layout(m.down, down=True))
+    return w_up, w_gate, w_down, b_up, b_gate, b_down, kwargs
+
+
 def _rewrite_one(graph: fx.Graph, m: FFNMatch, replaced: dict[fx.Node, fx.Node], inference: bool) -> fx.Node:
     """Insert `lte_ffn_region` for `m`; x may be the output of an FFN rewritten before (stacked
     FFNs, `nn.Sequential(ffn, ffn)`): `replaced` maps that erased node to its replacement."""
-    w_up, b_up = _weight(m.up)
-    w_gate, b_gate = _weight(m.gate)
-    w_down, b_down = _weight(m.down)
-    kwargs = dict(act=m.activation, expert_size=m.expert_size, mode=m.mode, tau=m.tau,
-                  up=_layout(m.up), gate=_layout(m.gate) if m.gate is not None else None,
-                  down=_layout(m.down, down=True), inference=inference)
+    w_up, w_gate, w_down, b_up, b_gate, b_down, kwargs = _region_args(m)
     with graph.inserting_before(m.output_node):
         x, gates = (replaced.get(n, n) for n in (m.input_node, m.gates_node))
-        new = graph.call_function(lte_ffn_region, (x, gates, w_up, w_gate, w_down,
-                                                   b_up, b_gate, b_down), kwargs)
+        new = graph.call_function(lte_ffn_region, (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down),
+                                  dict(kwargs, mode=m.mode, inference=inference))
     _copy_meta(m.output_node, new)
     m.output_node.replace_all_uses_with(new)
     return new
@@ -231,11 +234,7 @@ def _rewrite_routed(graph: fx.Graph, m: FFNMatch, replaced: dict[fx.Node, fx.Nod
                     w_r: fx.Node, b_r: fx.Node | None) -> fx.Node:
     """Insert `lte_routed_ffn_region` for `m` (router fused); its y replaces the FFN's output and
     its G the router's sigmoid for every other user. Returns the y node."""
-    w_up, b_up = _weight(m.up)
-    w_gate, b_gate = _weight(m.gate)
-    w_down, b_down = _weight(m.down)
-    kwargs = dict(act=m.activation, expert_size=m.expert_size, tau=m.tau, up=_layout(m.up),
-                  gate=_layout(m.gate) if m.gate is not None else None, down=_layout(m.down, down=True))
+    w_up, w_gate, w_down, b_up, b_gate, b_down, kwargs = _region_args(m)
     with graph.inserting_before(m.output_node):
         x = replaced.get(m.input_node, m.input_node)
         new = graph.call_function(lte_routed_ffn_region, (x, w_r, b_r, w_up, w_gate, w_down,
