@@ -955,23 +955,12 @@ torch::Tensor nan_rows_like_eager(const torch::Tensor& x, torch::Tensor y) {
   return y.masked_fill(bad, std::numeric_limits<double>::quiet_NaN());
 }
 
-// The router fused into the op (kernels/ops.py lte::routed_sparse_ffn_inference, batch-1 decode):
-// gates[t, e] = sigmoid(<x[t], w_r[e]> + b_r[e]) in fp32 (LTERouter keeps its weights fp32), then
-// the FFN on the mask gates > tau. Why here: at batch 1 the router is a GEMV over E x d weights
-// that a separate addmm call reads at a fraction of the bandwidth the kernel streams at, plus a
-// call and a sigmoid kernel per layer. Parallel over blocks of expert rows with phase 1's dot
-// micro-kernel (kUpToks tokens at a time). Returns (y [T, d_out], gates [T, E] fp32); the gates are
-// what the router would have stored (`last_gates`). y follows the ops' NaN policy.
-std::tuple<torch::Tensor, torch::Tensor> routed_sparse_ffn_cpu(
-    torch::Tensor x, torch::Tensor w_r, c10::optional<torch::Tensor> b_r, torch::Tensor w_up,
-    c10::optional<torch::Tensor> w_gate, torch::Tensor w_down, c10::optional<torch::Tensor> b_up,
-    c10::optional<torch::Tensor> b_gate, c10::optional<torch::Tensor> b_down, std::string act,
-    int64_t expert_size, double tau) {
-  TORCH_CHECK(x.device().is_cpu() && w_r.device().is_cpu(), "lte routed_sparse_ffn_cpu: tensors must be on the CPU");
-  TORCH_CHECK(w_r.scalar_type() == at::kFloat && w_r.dim() == 2 && x.dim() == 2 && w_r.size(1) == x.size(1),
-              "lte routed_sparse_ffn_cpu: w_r must be float32 [E, d] with x [T, d]");
-  const int64_t T = x.size(0), d = x.size(1), E = w_r.size(0);
-  auto xf = x.to(at::kFloat).contiguous();
+// gates[t, e] = sigmoid(<x[t], w_r[e]> + b_r[e]) in fp32 (LTERouter keeps its weights fp32): the
+// router GEMV, parallel over blocks of kRows expert rows (>= 64 KB of weights per task) with phase
+// 1's dot micro-kernel, kUpToks tokens at a time. xf: fp32 [T, d] contiguous; w_r: fp32 [E, d].
+torch::Tensor router_gates(const torch::Tensor& xf, const torch::Tensor& w_r, const c10::optional<torch::Tensor>& b_r) {
+  constexpr int64_t kRows = 4;
+  const int64_t T = xf.size(0), d = xf.size(1), E = w_r.size(0);
   auto wr = w_r.contiguous();
   torch::Tensor br;
   if (b_r) br = b_r->to(at::kFloat).contiguous();
@@ -980,14 +969,13 @@ std::tuple<torch::Tensor, torch::Tensor> routed_sparse_ffn_cpu(
   const float* wp = wr.data_ptr<float>();
   const float* bp = br.defined() ? br.data_ptr<float>() : nullptr;
   float* gp = gates.data_ptr<float>();
-  constexpr int64_t kRows = 4;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (kRows * d * 4));  // >= 64 KB of weights per task
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (kRows * d * 4));
   at::parallel_for(0, (E + kRows - 1) / kRows, grain, [&](int64_t b0, int64_t b1) {
     float out[kRows * kUpToks];
     const int64_t end = std::min(E, b1 * kRows);
     for (int64_t e = b0 * kRows; e < end;) {
-      const int r = end - e >= 4 ? 4 : (end - e >= 2 ? 2 : 1);
-      const float* w[4];
+      const int r = end - e >= kRows ? kRows : (end - e >= 2 ? 2 : 1);  // dot_block_any: 4, 2 or 1 rows
+      const float* w[kRows];
       for (int i = 0; i < r; ++i) w[i] = wp + (e + i) * d;
       for (int64_t t0 = 0; t0 < T; t0 += kUpToks) {
         const int nt = static_cast<int>(std::min<int64_t>(kUpToks, T - t0));
@@ -995,14 +983,29 @@ std::tuple<torch::Tensor, torch::Tensor> routed_sparse_ffn_cpu(
         for (int t = 0; t < nt; ++t) xs[t] = xp + (t0 + t) * d;
         dot_block_any<float>(r, nt, w, xs, d, out);
         for (int i = 0; i < r; ++i)
-          for (int t = 0; t < nt; ++t) {
-            const float logit = out[i * nt + t] + (bp ? bp[e + i] : 0.f);
-            gp[(t0 + t) * E + e + i] = 1.f / (1.f + std::exp(-logit));
-          }
+          for (int t = 0; t < nt; ++t)
+            gp[(t0 + t) * E + e + i] = 1.f / (1.f + std::exp(-(out[i * nt + t] + (bp ? bp[e + i] : 0.f))));
       }
       e += r;
     }
   });
+  return gates;
+}
+
+// The router fused into the op (kernels/ops.py lte::routed_sparse_ffn_inference, batch-1 decode):
+// `router_gates`, then the FFN on the mask gates > tau. Why here: at batch 1 the router is a GEMV
+// over E x d weights that a separate addmm call reads at a fraction of the bandwidth the kernel
+// streams at, plus a call and a sigmoid kernel per layer. Returns (y [T, d_out], gates [T, E] fp32);
+// the gates are what the router would have stored (`last_gates`). y follows the ops' NaN policy.
+std::tuple<torch::Tensor, torch::Tensor> routed_sparse_ffn_cpu(
+    torch::Tensor x, torch::Tensor w_r, c10::optional<torch::Tensor> b_r, torch::Tensor w_up,
+    c10::optional<torch::Tensor> w_gate, torch::Tensor w_down, c10::optional<torch::Tensor> b_up,
+    c10::optional<torch::Tensor> b_gate, c10::optional<torch::Tensor> b_down, std::string act,
+    int64_t expert_size, double tau) {
+  TORCH_CHECK(x.device().is_cpu() && w_r.device().is_cpu(), "lte routed_sparse_ffn_cpu: tensors must be on the CPU");
+  TORCH_CHECK(w_r.scalar_type() == at::kFloat && w_r.dim() == 2 && x.dim() == 2 && w_r.size(1) == x.size(1),
+              "lte routed_sparse_ffn_cpu: w_r must be float32 [E, d] with x [T, d]");
+  auto gates = router_gates(x.to(at::kFloat).contiguous(), w_r, b_r);
   auto y = sparse_ffn_cpu(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau);
   return {nan_rows_like_eager(x, y), gates};
 }
