@@ -15,8 +15,8 @@ build for another CPU. `-fopenmp` at compile time only, so `at::parallel_for` ru
 nothing links a second libgomp (a second OpenMP runtime stalls torch ops), the OpenMP calls bind
 to the one torch loaded.
 
-bf16 batches (T > 1, x and weights bf16) use AVX512-BF16 dot-product micro-kernels where the CPU
-and compiler have them (`bf16_dot_available()`), fp32 FMAs otherwise.
+bf16 x and weights (any T) use AVX512-BF16 dot-product micro-kernels where the CPU and compiler
+have them (`bf16_dot_available()`), fp32 FMAs otherwise.
 
 When no compiler is available (or the build fails), `sparse_ffn_torch` is used with a warning:
 it is grouped by expert too, but pays one torch call per active expert.

@@ -31,9 +31,10 @@
 // and one fused act*up*mask pass; what measured dispatch (kernels/autotune.py) falls back to.
 // Accumulation is fp32 for every weight dtype (fp32, bf16, fp16); y is rounded once at the end.
 //
-// bf16 batches (x and weights bf16, T > 1) on a CPU with AVX512-BF16: experts with >= 2 tokens run
-// both phases as register-blocked `vdpbf16ps` micro-kernels on the raw bf16 rows (see "AVX512-BF16
-// grouped path" below); without __AVX512BF16__ at build time only the fp32 path is compiled.
+// bf16 x and weights on a CPU with AVX512-BF16: experts with >= 2 tokens run both phases as
+// register-blocked `vdpbf16ps` micro-kernels on the raw bf16 rows (see "AVX512-BF16 grouped path"
+// below), and so does batch 1 (down_phase_t1); without __AVX512BF16__ at build time only the fp32
+// path is compiled.
 // at::vec::Vectorized (the dense path's fused epilogue) at the build ISA's width: ATen selects the
 // vector implementation by these macros, which torch's own build sets per kernel file. The
 // Sleef functions behind exp/erf/tanh are exported by libtorch_cpu.
@@ -303,7 +304,7 @@ inline void axpy_rows(float* __restrict y, const W* const* w, const float* h, in
 }
 
 #if LTE_BF16_DP
-// ---- AVX512-BF16 grouped path (bf16 weights and activations, T > 1) -------------------------
+// ---- AVX512-BF16 grouped path (bf16 weights and activations) -------------------------------
 // `vdpbf16ps` (_mm512_dpbf16_ps) multiplies 32 bf16 pairs and adds each pair's sum into one of 16
 // fp32 lanes: twice the fp32 FMA rate and no bf16 -> fp32 conversion. Accumulation stays fp32.
 //   up:   h[t, j] = <W[j, :], x[t, :]>, both bf16 along d: the pairs are consecutive d elements,
@@ -458,6 +459,7 @@ inline void down_cols_any(int nt, const uint32_t* pk, int64_t ld, int64_t Bh,
     default: down_cols<6>(pk, ld, Bh, hp, y, n); break;
   }
 }
+
 #endif  // LTE_BF16_DP
 
 // (token, expert) pairs with a nonzero scale, grouped by expert, tokens ascending within one.
@@ -510,6 +512,74 @@ PairIndex build_pair_index(const float* gates_f, int64_t T, int64_t E, bool hard
   return ix;
 }
 
+#if LTE_BF16_DP
+// ---- Batch 1 (decode) on the same instructions ----------------------------------------------
+// The fp32 path converts every bf16 weight before its FMA (a zero-extend and a shift per 16), which
+// made batch-1 bf16 compute-bound at ~2/3 of the memory bandwidth. Up uses up_block with one token.
+// Down needs no repacking: unpacklo/hi_epi16 of two W_down^T rows interleave them within each
+// 128-bit lane, so the lo vector holds the pairs of columns 8*(i/4) + i%4 and the hi vector those
+// of 8*(i/4) + 4 + i%4 (i = 0..15) of a 32-column chunk. Each thread keeps its y range in that order
+// for the whole phase (permuted in and out once), and the rows are used as loaded.
+inline int64_t t1_column(int64_t k) {  // column (within its 32-column chunk) of permuted slot k
+  const int64_t i = k % 16;
+  return k / 32 * 32 + 8 * (i / 4) + 4 * (k % 32 / 16) + i % 4;
+}
+
+// yp[0:n) (permuted chunks) += sum_p h pair p . (rows w[2p], w[2p+1]) over NP row pairs.
+template <int NP>
+inline void down_pairs_t1(float* yp, const uint16_t* const* w, const uint32_t* hp, int64_t n) {
+  __m512i hv[NP];
+  const uint16_t* wr[2 * NP];
+  for (int p = 0; p < NP; ++p) hv[p] = _mm512_set1_epi32(static_cast<int>(hp[p]));
+  for (int r = 0; r < 2 * NP; ++r) wr[r] = w[r];
+  for (int64_t c = 0; c < n; c += 32) {
+    const __mmask32 m = mask32(n - c);  // masked tail: zero columns add nothing
+    __m512 lo = _mm512_loadu_ps(yp + c), hi = _mm512_loadu_ps(yp + c + 16);
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) {
+      const __m512i a = _mm512_maskz_loadu_epi16(m, wr[2 * p] + c);
+      const __m512i b = _mm512_maskz_loadu_epi16(m, wr[2 * p + 1] + c);
+      lo = _mm512_dpbf16_ps(lo, as_bh(_mm512_unpacklo_epi16(a, b)), as_bh(hv[p]));
+      hi = _mm512_dpbf16_ps(hi, as_bh(_mm512_unpackhi_epi16(a, b)), as_bh(hv[p]));
+    }
+    _mm512_storeu_ps(yp + c, lo);
+    _mm512_storeu_ps(yp + c + 16, hi);
+  }
+}
+
+// The batch-1 down phase of one thread: y[0:n) += h @ W_down^T[:, c0:c0+n) over the active experts,
+// 4 row pairs per pass over the thread's (L1-resident) y range. hb: h as bf16 pairs, one row per
+// expert (T = 1: one pair each).
+inline void down_phase_t1(const PairIndex& ix, int64_t B, const uint32_t* hb, const uint16_t* wd,
+                          int64_t s_down, int64_t c0, int64_t n, float* y) {
+  constexpr int kPairs = 4;
+  const int64_t Bh = bf16_pairs(B), npad = (n + 31) / 32 * 32;
+  std::vector<float> yp(npad, 0.f);
+  for (int64_t k = 0; k < npad; ++k)
+    if (t1_column(k) < n) yp[k] = y[t1_column(k)];
+  std::vector<uint16_t> zero_row(B & 1 ? npad : 0, 0);  // the partner of an odd B's last row
+  for (const int64_t e : ix.active) {
+    const uint32_t* hp = hb + ix.start[e] * Bh;
+    for (int64_t i0 = 0; i0 < Bh; i0 += kPairs) {
+      const int np = static_cast<int>(std::min<int64_t>(kPairs, Bh - i0));
+      const uint16_t* w[2 * kPairs];
+      for (int r = 0; r < 2 * np; ++r) {
+        const int64_t j = 2 * i0 + r;
+        w[r] = j < B ? wd + (e * B + j) * s_down + c0 : zero_row.data();
+      }
+      switch (np) {
+        case 1: down_pairs_t1<1>(yp.data(), w, hp + i0, n); break;
+        case 2: down_pairs_t1<2>(yp.data(), w, hp + i0, n); break;
+        case 3: down_pairs_t1<3>(yp.data(), w, hp + i0, n); break;
+        default: down_pairs_t1<4>(yp.data(), w, hp + i0, n); break;
+      }
+    }
+  }
+  for (int64_t k = 0; k < npad; ++k)
+    if (t1_column(k) < n) y[t1_column(k)] = yp[k];
+}
+#endif  // LTE_BF16_DP
+
 // Phase 1 (up): h[p, j] = act(x W_gate[e]^T + b_gate) * (x W_up[e]^T + b_up) * scale for every
 // pair p and neuron j of its expert e, parallel over active experts. h: [P, B] fp32; hb: h as
 // bf16 pairs [P, bf16_pairs(B)] when dp (empty otherwise).
@@ -536,7 +606,7 @@ void up_phase(const PairIndex& ix, const float* x, const uint16_t* xb, bool dp, 
       std::fill(hu, hu + np * B, 0.f);
       if (glu) std::fill(hg, hg + np * B, 0.f);
 #if LTE_BF16_DP
-      if (dp && np >= kDpMinTokens) {
+      if (dp && (np >= kDpMinTokens || T == 1)) {
         const int64_t nrows = glu ? 2 * B : B;  // up rows, then gate rows
         const int64_t dtile = np <= kDpToks ? d : kDpDTile;
         for (int64_t k0 = 0; k0 < d; k0 += dtile) {
@@ -661,6 +731,12 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
     const int64_t c0 = i0 * ct, c1 = std::min(d_out, i1 * ct);
     // At batch 1 the thread's whole range is one tile; otherwise ct columns at a time.
     const int64_t step = (T == 1) ? (c1 - c0) : ct;
+#if LTE_BF16_DP
+    if (dp && T == 1) {
+      down_phase_t1(ix, B, hb, reinterpret_cast<const uint16_t*>(w_down), s_down, c0, c1 - c0, y + c0);
+      return;
+    }
+#endif
     std::vector<float> stage;  // fp32 copy of a reduced-precision W_down tile (batches)
 #if LTE_BF16_DP
     std::vector<uint32_t> pk(dp ? Bh * kDpSub : 0);
@@ -924,9 +1000,9 @@ torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor
 
   const int code = act_code(act);
   // bf16 x and weights on an AVX512-BF16 CPU: the grouped path uses bf16 dot products on x itself
-  // (exact: x is bf16 already). A batch of one keeps the streaming fp32 path.
+  // (exact: x is bf16 already); a batch of one too (down_phase_t1).
   torch::Tensor xb;
-  if (LTE_BF16_DP && dt == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && T > 1 &&
+  if (LTE_BF16_DP && dt == at::kBFloat16 && x.scalar_type() == at::kBFloat16 &&
       bf16_dp_supported())
     xb = x.contiguous();
   auto run = [&](auto tag) {

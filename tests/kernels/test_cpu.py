@@ -41,7 +41,9 @@ def test_cpp_kernel_matches_naive_many_tokens(case):
 @given(case=sparse_ffn_cases(dtypes=DTYPES, max_T=1, max_d=1100, max_E=4), threads=st.sampled_from([2, 3]))
 def test_cpp_kernel_batch1_column_split_matches_naive(case, threads):
     """Batch 1 splits the down phase's columns into one range per thread (>= 256 columns each):
-    wide outputs, several threads, ranges that do not divide d_out."""
+    wide outputs, several threads, ranges that do not divide d_out. On an AVX512-BF16 CPU, bf16
+    draws run the batch-1 bf16 pairs path (down_phase_t1: permuted y range, masked 32-column
+    tails, an odd B's zero partner row)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
