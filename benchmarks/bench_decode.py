@@ -31,6 +31,11 @@ only; lte: FFN bytes scaled by the fraction of experts some token of the step us
 independent masks), the bound 1/(1 - f s) with f = FFN share of the weight bytes a step reads
 (memory-bound decode; for prefill the same f is the FFN share of the matmul FLOPs, attention
 scores aside), and attained = (ratio - 1) / (bound - 1), the share of the attainable saving.
+That bound assumes every part of the dense step runs at the same bytes (or FLOPs) per second; where
+it does not (small models: the non-FFN GEMVs are slower per byte than the FFN's), φ measures the
+FFNs' share of the dense step's time directly, from a third variant, the dense twin whose FFNs
+return zeros (`SkipFFN`: the fastest any sparsity could make the model), and the last two columns
+give the bound 1/(1 - φ s) and the share of it attained.
 
 After the table: the dispatch decisions the run measured (kernels/autotune.py: bucket, chosen path,
 median ms of both): the timed self-check that the chosen path was the faster one on this machine.
@@ -86,6 +91,22 @@ def weight_bytes(cfg, dtype) -> tuple[float, float]:
     ffn = L * 3 * h * i
     attn = L * (2 * h * h + 2 * h * kv)
     return ffn * size, (ffn + attn + cfg.vocab_size * h) * size
+
+
+class SkipFFN(torch.nn.Module):
+    """An FFN that costs nothing (returns zeros): the dense twin with it in every layer is the
+    fastest any FFN sparsity could make the model, which measures the FFN's share of step time."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def without_ffns(dense):
+    """A copy of `dense` whose decoder layers skip their MLP (for the measured bound)."""
+    model = copy.deepcopy(dense)
+    for layer in model.model.layers:
+        layer.mlp = SkipFFN()
+    return model
 
 
 def prepare_sparse(dense, cfg, args):
@@ -217,7 +238,8 @@ def run(args, argv) -> str:
     print("\n".join(lines), flush=True)
     sparsities = args.sparsity
     table = ["| dtype | workload | s | measured density | dense tok/s | lte tok/s | ratio lte/dense | "
-             "GB/s dense / lte | bound 1/(1-f·s) | attained |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "GB/s dense / lte | bound 1/(1-f·s) | attained | φ | bound 1/(1-φ·s) | attained (φ) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for dt_name in args.dtypes:
         dtype = getattr(torch, dt_name)
         dense, cfg = build(args, dtype)
@@ -230,9 +252,11 @@ def run(args, argv) -> str:
             biases[s] = calibrate(sparse, cfg, s, args)
         print(f"{dt_name}: f = FFN share of weight bytes = {f:.3f}; routers calibrated in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
+        no_ffn = without_ffns(dense)
         fns = {"dense": (dense, torch.compile(dense.forward, backend="inductor", dynamic=False)),
+               "no-ffn": (no_ffn, torch.compile(no_ffn.forward, backend="inductor", dynamic=False)),
                "lte": (sparse, torch.compile(sparse.forward, backend="lte", dynamic=False))}
-        variants = [("dense", None)] + [("lte", s) for s in sparsities]
+        variants = [("dense", None), ("no-ffn", None)] + [("lte", s) for s in sparsities]
         workloads = [("decode", b) for b in args.batches] + ([("prefill", args.prefill)] if args.prefill else [])
         g = torch.Generator().manual_seed(args.seed + 3)
         for kind, n in workloads:
@@ -276,12 +300,16 @@ def run(args, argv) -> str:
                     times[v].append(once(*v))
             med = {v: statistics.median(t) for v, t in times.items()}
             dense_tps = tokens_per_call / med[("dense", None)]
+            # phi: the FFNs' measured share of the dense step's time (dense twin without FFNs).
+            phi = 1 - med[("no-ffn", None)] / med[("dense", None)]
             label = f"decode b={n}" if kind == "decode" else f"prefill {n}"
             for s in sparsities:
                 tps = tokens_per_call / med[("lte", s)]
                 ratio = tps / dense_tps
                 bound = 1 / (1 - f * s)
                 attained = (ratio - 1) / (bound - 1) if s > 0 else None
+                timed_bound = 1 / (1 - phi * s)
+                timed_attained = (ratio - 1) / (timed_bound - 1) if s > 0 and phi > 0 else None
                 if kind == "decode":
                     steps = args.new_tokens
                     union = 1 - s ** n if s > 0 else 1.0
@@ -290,12 +318,15 @@ def run(args, argv) -> str:
                 else:
                     gbs = "—"
                 row = (f"| {dt_name} | {label} | {s} | {density[s]:.2f} | {dense_tps:.1f} | {tps:.1f} | "
-                       f"{ratio:.2f}x | {gbs} | {bound:.2f}x | {fmt(attained)} |")
+                       f"{ratio:.2f}x | {gbs} | {bound:.2f}x | {fmt(attained)} | {phi:.2f} | "
+                       f"{timed_bound:.2f}x | {fmt(timed_attained)} |")
                 table.append(row)
                 print("  " + row, flush=True)
-        del fns, dense, sparse
+        del fns, dense, sparse, no_ffn
         torch._dynamo.reset()
     out = lines + ["", f"f = FFN share of the weight bytes a decode step reads ({args.layers} layers); "
+                   "φ = FFN share of the dense step's time, measured: 1 - t(dense twin whose FFNs return "
+                   "zeros) / t(dense); "
                    f"{args.new_tokens} decode steps after a {PROMPT}-token prompt; medians of {args.reps} "
                    f"interleaved repetitions; load average at end {os.getloadavg()[0]:.1f}.", "", *table]
     decisions = autotune.decisions()
