@@ -39,8 +39,8 @@ give the bound 1/(1 - φ s) and the share of it attained.
 
 After the table: the dispatch decisions the run measured (kernels/autotune.py: bucket, chosen path,
 median ms of both): the timed self-check that the chosen path was the faster one on this machine.
-`--breakdown`: the per-FFN cost at batch 1 split into router, op call overhead, index/launch and
-kernel (manual timers on one layer's weights). `--profile S`: torch.profiler's per-op CPU time of
+`--breakdown`: the per-FFN cost at batch 1 (first of `--dtypes`) split into router, op call
+overhead, index/launch and kernel (manual timers on one layer's weights). `--profile S`: torch.profiler's per-op CPU time of
 a compiled batch-1 decode step, dense and lte at sparsity S (where a step's milliseconds go).
 """
 from __future__ import annotations
@@ -341,7 +341,8 @@ def run(args, argv) -> str:
 
 
 def breakdown(args) -> str:
-    """Per-FFN cost at batch 1 (one layer's weights, eager op calls, medians of many calls)."""
+    """Per-FFN cost at batch 1 (one layer's weights, eager op calls, medians of many calls), in the
+    first of `--dtypes` (the router fp32, as LTERouter keeps it)."""
     import torch.nn.functional as F
 
     from lte_compile.kernels import dispatch, ops
@@ -351,9 +352,10 @@ def breakdown(args) -> str:
     d, N = sh["hidden_size"], sh["intermediate_size"]
     B, tau = 32, 0.5
     E = N // B
+    dtype = getattr(torch, args.dtypes[0])
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, d, generator=g)
-    w_up, w_gate, w_down = (torch.randn(N, d, generator=g) / d ** 0.5 for _ in range(3))
+    x = torch.randn(1, d, generator=g).to(dtype)
+    w_up, w_gate, w_down = ((torch.randn(N, d, generator=g) / d ** 0.5).to(dtype) for _ in range(3))
     w_r, b_r = torch.randn(E, d, generator=g) / d ** 0.5, torch.zeros(E)
     dense_w_down = w_down.t().contiguous()  # [d, N]: nn.Linear layout
     from lte_compile.kernels.cpu import sparse_ffn_cpu
@@ -368,14 +370,14 @@ def breakdown(args) -> str:
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts) * 1e3
 
-    lines = ["", f"## Per-FFN breakdown at batch 1 (d={d}, N={N}, B={B}, fp32, {torch.get_num_threads()} threads; "
+    lines = ["", f"## Per-FFN breakdown at batch 1 (d={d}, N={N}, B={B}, {args.dtypes[0]}, {torch.get_num_threads()} threads; "
              "median ms of 200 eager calls)", "",
              "| s | router (linear+sigmoid) | op call overhead (sparse_ffn_inference vs direct kernel; "
              "sparse_ffn with autograd) | index + launch (kernel, no expert on) | kernel | router + op | "
              "routed op (router inside) | dense FFN (3 F.linear) | ratio dense / routed |",
              "|---|---|---|---|---|---|---|---|---|"]
     dense_ms = t(lambda: F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), dense_w_down))
-    router_ms = t(lambda: torch.sigmoid(F.linear(x, w_r, b_r)))
+    router_ms = t(lambda: torch.sigmoid(F.linear(x.float(), w_r, b_r)))
     none = torch.zeros(1, E)
     index_ms = t(lambda: sparse_ffn_cpu(x, none, w_up, w_gate, w_down, None, None, None, "silu", B, "hard", tau))
     for s in args.sparsity:
@@ -384,7 +386,7 @@ def breakdown(args) -> str:
         a = (x, gates, w_up, w_gate, w_down, None, None, None, "silu", B, "hard", tau)
         kernel_ms = t(lambda: sparse_ffn_cpu(*a))
         # A router bias that switches on the same experts as `gates` for this x.
-        b_s = torch.where(gates[0] > 0, 30.0, -30.0) - F.linear(x, w_r)[0]
+        b_s = torch.where(gates[0] > 0, 30.0, -30.0) - F.linear(x.float(), w_r)[0]
         with torch.no_grad():  # as a decode step calls them; the compiled graph calls the first
             op_ms = t(lambda: ops.sparse_ffn_inference(*a))
             autograd_op_ms = t(lambda: ops.sparse_ffn(*a))

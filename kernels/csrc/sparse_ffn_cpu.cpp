@@ -956,11 +956,14 @@ torch::Tensor dense_masked_ffn(torch::Tensor x, torch::Tensor gates, torch::Tens
 }
 
 // The launcher: same signature as the op (see kernels/ops.py) minus nothing; returns y [T, d_out].
-torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor w_up,
-                             c10::optional<torch::Tensor> w_gate, torch::Tensor w_down,
-                             c10::optional<torch::Tensor> b_up, c10::optional<torch::Tensor> b_gate,
-                             c10::optional<torch::Tensor> b_down, std::string act,
-                             int64_t expert_size, std::string mode, double tau) {
+// sparse_ffn_cpu with x already converted: xf = x as fp32 [T, d], contiguous (the routed path
+// converts once for the router and the kernel).
+torch::Tensor sparse_ffn_core(const torch::Tensor& x, const torch::Tensor& xf, const torch::Tensor& gates,
+                              const torch::Tensor& w_up, const c10::optional<torch::Tensor>& w_gate,
+                              const torch::Tensor& w_down, const c10::optional<torch::Tensor>& b_up,
+                              const c10::optional<torch::Tensor>& b_gate,
+                              const c10::optional<torch::Tensor>& b_down, const std::string& act,
+                              int64_t expert_size, const std::string& mode, double tau) {
   TORCH_CHECK(x.device().is_cpu(), "lte sparse_ffn_cpu: tensors must be on the CPU");
   const auto dt = w_up.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
@@ -972,7 +975,6 @@ torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor
   TORCH_CHECK(w_up.size(0) == E * B && w_down.size(0) == E * B && w_up.size(1) == d,
               "lte sparse_ffn_cpu: shapes do not match E*B neurons");
 
-  auto xf = x.to(at::kFloat).contiguous();  // [T, d]: tiny next to the weights
   // The threshold is compared in the gates' dtype, as (gates > tau) does in the reference.
   float tau_f = static_cast<float>(tau);
   if (gates.scalar_type() == at::kBFloat16) tau_f = static_cast<float>(c10::BFloat16(tau_f));
@@ -1019,6 +1021,15 @@ torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor
   else if (dt == at::kBFloat16) run(c10::BFloat16{});
   else run(c10::Half{});
   return yf.scalar_type() == x.scalar_type() ? yf : yf.to(x.scalar_type());
+}
+
+torch::Tensor sparse_ffn_cpu(torch::Tensor x, torch::Tensor gates, torch::Tensor w_up,
+                             c10::optional<torch::Tensor> w_gate, torch::Tensor w_down,
+                             c10::optional<torch::Tensor> b_up, c10::optional<torch::Tensor> b_gate,
+                             c10::optional<torch::Tensor> b_down, std::string act,
+                             int64_t expert_size, std::string mode, double tau) {
+  auto xf = x.to(at::kFloat).contiguous();  // [T, d]: tiny next to the weights
+  return sparse_ffn_core(x, xf, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau);
 }
 
 // The ops' NaN policy (kernels/reference.py nan_rows_like_eager): rows whose x has a NaN/Inf are
@@ -1081,9 +1092,18 @@ std::tuple<torch::Tensor, torch::Tensor> routed_sparse_ffn_cpu(
   TORCH_CHECK(x.device().is_cpu() && w_r.device().is_cpu(), "lte routed_sparse_ffn_cpu: tensors must be on the CPU");
   TORCH_CHECK(w_r.scalar_type() == at::kFloat && w_r.dim() == 2 && x.dim() == 2 && w_r.size(1) == x.size(1),
               "lte routed_sparse_ffn_cpu: w_r must be float32 [E, d] with x [T, d]");
-  auto gates = router_gates(x.to(at::kFloat).contiguous(), w_r, b_r);
-  auto y = sparse_ffn_cpu(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau);
-  return {nan_rows_like_eager(x, y), gates};
+  auto xf = x.to(at::kFloat).contiguous();  // once, for the router and the kernel
+  auto gates = router_gates(xf, w_r, b_r);
+  auto y = sparse_ffn_core(x, xf, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau);
+  // The NaN check on xf itself (a vector sum over T*d floats, T <= 4 here), not an ATen reduction.
+  const float* xp = xf.data_ptr<float>();
+  const int64_t n = xf.numel();
+  vfl acc{};
+  int64_t i = 0;
+  for (; i + LTE_LANES <= n; i += LTE_LANES) acc += loadv(xp + i);
+  float sum = hsumv(acc);
+  for (; i < n; ++i) sum += xp[i];
+  return {std::isfinite(sum) ? y : nan_rows_like_eager(x, y), gates};
 }
 
 // True if bf16 batches run on the AVX512-BF16 micro-kernels here (built with them, CPU has them).
