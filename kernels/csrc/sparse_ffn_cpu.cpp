@@ -406,6 +406,17 @@ inline void up_block_any(int r, int nt, const uint16_t* const* w, const uint16_t
   }
 }
 
+// Software prefetch (to L2) of rows r0..r0+B of W_down^T, columns [ss, ss + m): the sub-tile the
+// down phase packs next. Its rows are B streams a row stride apart, more than the hardware
+// prefetcher follows: without this the pack loop's loads waited on DRAM (a third of the bf16 down
+// phase's time at T = 16, perf samples; RESULTS.md session 7).
+inline void prefetch_rows(const uint16_t* wd, int64_t s_down, int64_t r0, int64_t B, int64_t ss, int64_t m) {
+  for (int64_t j = 0; j < B; ++j) {
+    const char* p = reinterpret_cast<const char*>(wd + (r0 + j) * s_down + ss);
+    for (int64_t off = 0; off < m * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  }
+}
+
 // y[t][c + 0 : 16*CB] += sum_i hp[t][i] . pk[i][c + ...] (bf16 pairs along j), NT tokens.
 // tail: lanes of the last vector that exist (CB == 1 only; 16 = all).
 template <int NT, int CB>
@@ -751,6 +762,10 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
           for (int64_t ss = cs; ss < cs + n; ss += kDpSub) {
             const int64_t m = std::min(kDpSub, cs + n - ss);
             const int64_t mpad = (m + 15) / 16 * 16;
+            if (ss + kDpSub < cs + n)  // the sub-tile packed next: this expert's, or the next one's
+              prefetch_rows(wd, s_down, e * B, B, ss + kDpSub, std::min(kDpSub, cs + n - ss - kDpSub));
+            else if (a + 1 < A)
+              prefetch_rows(wd, s_down, active[a + 1] * B, B, cs, std::min(kDpSub, n));
             for (int64_t i = 0; i < Bh; ++i) {  // interleave rows 2i, 2i+1 of this sub-tile
               const uint16_t* r0 = wd + (e * B + 2 * i) * s_down + ss;
               const uint16_t* r1 = 2 * i + 1 < B ? wd + (e * B + 2 * i + 1) * s_down + ss : nullptr;
