@@ -29,11 +29,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import lte_compile  # noqa: F401  (registers torch.ops.lte)
     from lte_compile.kernels import dispatch
-    from lte_compile.kernels.cpu import cpu_flags, cpu_name, isa, sparse_ffn_cpu
+    from lte_compile.kernels.cpu import machine_summary, sparse_ffn_cpu
 
-    vec = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
-    print(f"CPU: {cpu_name()}; kernel ISA {isa()[0]}; vector flags: {vec}; {args.threads} threads; "
-          f"torch {torch.__version__}")
+    print(machine_summary())
     E = N // B
     g = torch.Generator().manual_seed(0)
     layers = [[torch.randn(N, D, generator=g) / D ** 0.5 for _ in range(3)] for _ in range(LAYERS)]

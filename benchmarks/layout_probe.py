@@ -88,11 +88,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from torch.utils.cpp_extension import load_inline
 
-    from lte_compile.kernels.cpu import _cflags, cpu_flags, cpu_name, isa, load_extension
+    from lte_compile.kernels.cpu import _cflags, isa, load_extension, machine_summary
 
-    vec = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
-    print(f"CPU: {cpu_name()}; kernel ISA {isa()[0]}; vector flags: {vec}; {args.threads} threads; "
-          f"torch {torch.__version__}")
+    print(machine_summary())
     if not isa()[0].startswith("avx512bf16"):
         raise SystemExit("layout_probe: the probe kernel needs AVX-512 with AVX512-BF16")
     ext = load_extension()

@@ -67,6 +67,13 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def machine_summary() -> str:
+    """'CPU: <name>; kernel ISA <tag>; vector flags: ...; N threads; torch <version>' (benchmark headers)."""
+    vec = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
+    return (f"CPU: {cpu_name()}; kernel ISA {isa()[0]}; vector flags: {vec}; {torch.get_num_threads()} "
+            f"threads; torch {torch.__version__}")
+
+
 _AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"})
 _AVX2 = frozenset({"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"})
 
