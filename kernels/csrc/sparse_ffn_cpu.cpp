@@ -319,7 +319,8 @@ constexpr int kDpToks = 6;       // tokens per micro-kernel (both phases)
 constexpr int kDpCols = 4;       // 16-column vectors per down micro-kernel
 constexpr int64_t kDpDTile = 2048;  // d tile of the up phase: 2B rows x 4 KB = 256 KB at B = 32
 constexpr int64_t kDpSub = 256;  // columns of W_down^T interleaved at a time (B/2 x 1 KB = 16 KB)
-// Experts with fewer tokens keep the fp32 path (at 1-2 tokens a block is memory-bound either way).
+// In batches, experts with one token keep the fp32 path; at batch 1 every expert takes this one
+// (up_block with one token, down_phase_t1): converting each weight made it compute-bound.
 constexpr int64_t kDpMinTokens = 2;
 
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
@@ -470,7 +471,6 @@ inline void down_cols_any(int nt, const uint32_t* pk, int64_t ld, int64_t Bh,
     default: down_cols<6>(pk, ld, Bh, hp, y, n); break;
   }
 }
-
 #endif  // LTE_BF16_DP
 
 // (token, expert) pairs with a nonzero scale, grouped by expert, tokens ascending within one.
@@ -531,7 +531,7 @@ PairIndex build_pair_index(const float* gates_f, int64_t T, int64_t E, bool hard
 // 128-bit lane, so the lo vector holds the pairs of columns 8*(i/4) + i%4 and the hi vector those
 // of 8*(i/4) + 4 + i%4 (i = 0..15) of a 32-column chunk. Each thread keeps its y range in that order
 // for the whole phase (permuted in and out once), and the rows are used as loaded.
-inline int64_t t1_column(int64_t k) {  // column (within its 32-column chunk) of permuted slot k
+inline int64_t t1_column(int64_t k) {  // the column (in the thread's range) held by permuted slot k
   const int64_t i = k % 16;
   return k / 32 * 32 + 8 * (i / 4) + 4 * (k % 32 / 16) + i % 4;
 }
