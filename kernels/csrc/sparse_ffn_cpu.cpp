@@ -31,10 +31,9 @@
 // and one fused act*up*mask pass; what measured dispatch (kernels/autotune.py) falls back to.
 // Accumulation is fp32 for every weight dtype (fp32, bf16, fp16); y is rounded once at the end.
 //
-// bf16 x and weights on a CPU with AVX512-BF16: experts with >= 2 tokens run both phases as
-// register-blocked `vdpbf16ps` micro-kernels on the raw bf16 rows (see "AVX512-BF16 grouped path"
-// below), and so does batch 1 (down_phase_t1); without __AVX512BF16__ at build time only the fp32
-// path is compiled.
+// bf16 x and weights on a CPU with AVX512-BF16: both phases run as register-blocked `vdpbf16ps`
+// micro-kernels on the raw bf16 rows for every expert (see "AVX512-BF16 grouped path" below;
+// batch 1: down_phase_t1); without __AVX512BF16__ at build time only the fp32 path is compiled.
 // at::vec::Vectorized (the dense path's fused epilogue) at the build ISA's width: ATen selects the
 // vector implementation by these macros, which torch's own build sets per kernel file. The
 // Sleef functions behind exp/erf/tanh are exported by libtorch_cpu.
@@ -319,9 +318,9 @@ constexpr int kDpToks = 6;       // tokens per micro-kernel (both phases)
 constexpr int kDpCols = 4;       // 16-column vectors per down micro-kernel
 constexpr int64_t kDpDTile = 2048;  // d tile of the up phase: 2B rows x 4 KB = 256 KB at B = 32
 constexpr int64_t kDpSub = 256;  // columns of W_down^T interleaved at a time (B/2 x 1 KB = 16 KB)
-// In batches, experts with one token keep the fp32 path; at batch 1 every expert takes this one
-// (up_block with one token, down_phase_t1): converting each weight made it compute-bound.
-constexpr int64_t kDpMinTokens = 2;
+// Every expert takes this path, one token or many (batch 1: up_block with one token and
+// down_phase_t1): the fp32 path's conversion of each weight made even batch 1 compute-bound, and
+// single-token experts of small batches ran 0-15 % slower on it (T = 2-16, RESULTS.md session 7).
 
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 inline __mmask32 mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n) - 1); }
@@ -617,7 +616,7 @@ void up_phase(const PairIndex& ix, const float* x, const uint16_t* xb, bool dp, 
       std::fill(hu, hu + np * B, 0.f);
       if (glu) std::fill(hg, hg + np * B, 0.f);
 #if LTE_BF16_DP
-      if (dp && (np >= kDpMinTokens || T == 1)) {
+      if (dp) {
         const int64_t nrows = glu ? 2 * B : B;  // up rows, then gate rows
         const int64_t dtile = np <= kDpToks ? d : kDpDTile;
         for (int64_t k0 = 0; k0 < d; k0 += dtile) {
@@ -757,7 +756,7 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
       for (int64_t a = 0; a < A; ++a) {
         const int64_t e = active[a], p0 = start[e], np = count[e];
 #if LTE_BF16_DP
-        if (dp && np >= kDpMinTokens) {
+        if (dp) {
           const uint16_t* wd = reinterpret_cast<const uint16_t*>(w_down);
           for (int64_t ss = cs; ss < cs + n; ss += kDpSub) {
             const int64_t m = std::min(kDpSub, cs + n - ss);
@@ -835,7 +834,7 @@ void sparse_ffn_impl(const float* x, int64_t T, int64_t d, const float* gates_f,
                      const W* b_up, const W* b_gate, int act, int64_t B, bool hard,
                      float tau, float* y, const uint16_t* xb) {
   // xb: x as bf16 bits [T, d] when x and the weights are bf16 and the CPU has AVX512-BF16 (the
-  // launcher checks), else nullptr. Experts with >= kDpMinTokens tokens then take the dp path.
+  // launcher checks), else nullptr; every expert then takes the dp path.
   const bool dp = LTE_BF16_DP && xb != nullptr;
   const PairIndex ix = build_pair_index(gates_f, T, E, hard, tau);
   if (ix.P == 0) return;  // every token gets the down bias only (already in y)

@@ -186,7 +186,7 @@ def test_cpp_kernel_bf16_batch_ragged_large(T, d, d_out, B, glu):
     mask = gate_mask("ragged", T, E, g)
     mask[3] = False
     mask[:, 0] = False
-    mask[5, 0] = True  # expert 0 has exactly one token (the fp32 path beside the bf16 one)
+    mask[5, 0] = True  # expert 0 has exactly one token (a one-token block of the bf16 path)
     u = torch.rand(T, E, generator=g) * 0.45
     f64 = dict(dtype=torch.float64, generator=g)
     N = E * B
