@@ -234,6 +234,10 @@ def run(args, argv) -> str:
     from lte_compile.kernels import autotune
     from transformers import StaticCache
 
+    # Three models of one class (dense, no-FFN twin, lte) share the forward's code object, and each
+    # compiles once per workload shape: past Dynamo's default limit of 8 entries per code object
+    # the remaining variants would silently run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     lines = ["# Decode benchmark: `lte` vs `inductor` (bench_decode.py)", "", *header(args, argv)]
     print("\n".join(lines), flush=True)
     sparsities = args.sparsity
