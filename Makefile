@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-long install bench clean
+.PHONY: demo test test-long install bench gpu-check clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-long: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_kernels.py
+
+# On a machine with a CUDA GPU (no registry needed): installs this checkout on its own torch/triton,
+# runs the GPU tests, the kernel benchmark and a CUDA-graph decode; logs under $OUT.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -65,6 +65,9 @@ PROMPT = 16
 
 
 def shape(args) -> dict:
+    if getattr(args, "shape", None) == "llama2-7b":
+        return dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                    vocab_size=32000)
     if args.quick:
         return dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
                     vocab_size=8192)
@@ -79,7 +82,7 @@ def build(args, dtype):
                                    max_position_embeddings=max(2048, args.prefill + 64))
     torch.manual_seed(args.seed)
     dense = transformers.LlamaForCausalLM(cfg).eval()
-    return dense.to(dtype), cfg
+    return dense.to(args.device, dtype), cfg
 
 
 def weight_bytes(cfg, dtype) -> tuple[float, float]:
@@ -132,7 +135,7 @@ def calibrate(model, cfg, s: float, args) -> dict[str, float]:
     else:
         tau = next(iter(routers.values())).tau
         g = torch.Generator().manual_seed(args.seed + 2)
-        ids = torch.randint(cfg.vocab_size, (4, 64), generator=g)
+        ids = torch.randint(cfg.vocab_size, (4, 64), generator=g).to(args.device)
         biases = {}
         for name, r in routers.items():  # layer order: earlier layers already at sparsity s
             seen = []
@@ -179,32 +182,65 @@ class DensityMeter:
         return self.used / max(1, self.total)
 
 
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def decode(model, fn, cache, batch: int, new_tokens: int, prompt,
            around_steps=contextlib.nullcontext) -> tuple[float, list[int]]:
     """Greedy decode of `new_tokens` after an eager prefill of `prompt`; (seconds of the steps, tokens).
     The steps (not the prefill) run inside `around_steps()` (e.g. a profiler)."""
     cache.reset()
+    dev = prompt.device
     with torch.no_grad():
-        out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]),
+        out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1], device=dev),
                     use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
         toks = [tok]
+        positions = torch.arange(prompt.shape[1], prompt.shape[1] + new_tokens, device=dev)
+        sync(dev)
         start = time.perf_counter()
         with around_steps():
             for i in range(new_tokens):
-                out = fn(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([prompt.shape[1] + i]),
-                         use_cache=True)
+                out = fn(input_ids=tok, past_key_values=cache, cache_position=positions[i:i + 1], use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
                 toks.append(tok)
+        sync(dev)
         elapsed = time.perf_counter() - start
     return elapsed, torch.cat(toks, 1)[0].tolist()
 
 
 def prefill(fn, ids) -> float:
     with torch.no_grad():
+        sync(ids.device)
         start = time.perf_counter()
         fn(input_ids=ids, use_cache=False, logits_to_keep=1)
+        sync(ids.device)
         return time.perf_counter() - start
+
+
+def compile_counts() -> str:
+    """Dynamo's graphs compiled so far and Inductor's CUDA-graph skips (a change while timing =
+    a recompile, or a graph that stopped replaying)."""
+    from torch._dynamo.utils import counters
+    return (f"graphs compiled {counters['stats']['unique_graphs']}, "
+            f"cudagraph skips {sum(counters['inductor'].get(k, 0) for k in counters['inductor'] if 'cudagraph' in k)}")
+
+
+def eager_token_check(fns, biases, sparsities, record, caches, batch, new_tokens, prompt) -> str:
+    """Greedy tokens of each compiled variant (in `record`) against the same model run eagerly:
+    the share of positions that agree (random-weight models have near-tied logits, so a kernel's
+    rounding can flip a token; dense shows how much Inductor's own rounding does)."""
+    out = []
+    for name, s in [("dense", None)] + [("lte", s) for s in sparsities]:
+        model, _ = fns[name]
+        if s is not None:
+            set_biases(model, biases[s])
+        toks = decode(model, model.forward, caches[name], batch, new_tokens, prompt)[1]
+        same = sum(a == b for a, b in zip(toks, record[(name, s)])) / len(toks)
+        out.append(f"{name}{'' if s is None else f' s={s}'} {same:.0%}")
+    return "tokens equal to eager: " + ", ".join(out)
 
 
 def header(args, argv) -> list[str]:
@@ -214,7 +250,12 @@ def header(args, argv) -> list[str]:
     import transformers
     flags = cpu_flags()
     vec = " ".join(f for f in VECTOR_FLAGS if f in flags) or "-"
-    return [f"- CPU: {cpu_name()}; kernel ISA `{isa()[0]}`; vector flags: {vec}",
+    gpu = []
+    if torch.device(args.device).type == "cuda":
+        import triton
+        gpu = [f"- GPU: {torch.cuda.get_device_name(args.device)}; CUDA {torch.version.cuda}, triton {triton.__version__}; "
+               f"torch.compile mode {args.mode or 'default'}"]
+    return [*gpu, f"- CPU: {cpu_name()}; kernel ISA `{isa()[0]}`; vector flags: {vec}",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, Python "
             f"{platform.python_version()}, {torch.get_num_threads()} threads, "
             f"load average at start {os.getloadavg()[0]:.1f}"
@@ -256,20 +297,22 @@ def run(args, argv) -> str:
             biases[s] = calibrate(sparse, cfg, s, args)
         print(f"{dt_name}: f = FFN share of weight bytes = {f:.3f}; routers calibrated in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        no_ffn = without_ffns(dense)
-        fns = {"dense": (dense, torch.compile(dense.forward, backend="inductor", dynamic=False)),
-               "no-ffn": (no_ffn, torch.compile(no_ffn.forward, backend="inductor", dynamic=False)),
-               "lte": (sparse, torch.compile(sparse.forward, backend="lte", dynamic=False))}
-        variants = [("dense", None), ("no-ffn", None)] + [("lte", s) for s in sparsities]
+        no_ffn = without_ffns(dense) if args.phi else None
+        compiled = lambda m, backend: torch.compile(m.forward, backend=backend, dynamic=False, mode=args.mode)  # noqa: E731
+        fns = {"dense": (dense, compiled(dense, "inductor")), "lte": (sparse, compiled(sparse, "lte"))}
+        if no_ffn is not None:
+            fns["no-ffn"] = (no_ffn, compiled(no_ffn, "inductor"))
+        variants = [("dense", None)] + ([("no-ffn", None)] if no_ffn is not None else []) + \
+            [("lte", s) for s in sparsities]
         workloads = [("decode", b) for b in args.batches] + ([("prefill", args.prefill)] if args.prefill else [])
         g = torch.Generator().manual_seed(args.seed + 3)
         for kind, n in workloads:
             if kind == "decode":
-                prompt = torch.randint(cfg.vocab_size, (n, PROMPT), generator=g)
+                prompt = torch.randint(cfg.vocab_size, (n, PROMPT), generator=g).to(args.device)
                 caches = {k: StaticCache(config=cfg, max_cache_len=PROMPT + args.new_tokens + 1) for k in fns}
                 tokens_per_call = n * args.new_tokens
             else:
-                ids = torch.randint(cfg.vocab_size, (1, n), generator=g)
+                ids = torch.randint(cfg.vocab_size, (1, n), generator=g).to(args.device)
                 tokens_per_call = n
 
             def once(name, s, record=None):
@@ -296,24 +339,33 @@ def run(args, argv) -> str:
                 density[s] = meter.close()
             match = "" if kind != "decode" or 0.0 not in sparsities else \
                 f"; s=0 tokens {'match' if record[('lte', 0.0)] == record[('dense', None)] else 'DIFFER from'} dense"
+            if kind == "decode" and args.check_eager:
+                match += "; " + eager_token_check(fns, biases, sparsities, record, caches, n, args.new_tokens, prompt)
             print(f"  {dt_name} {kind} {n}: compile + warm-up {time.perf_counter() - t0:.0f} s{match}", flush=True)
             times = {v: [] for v in variants}
+            before = compile_counts()
             for rep in range(args.reps):
                 k = rep % len(variants)
                 for v in variants[k:] + variants[:k]:
                     times[v].append(once(*v))
+            after = compile_counts()
+            if after != before:
+                print(f"  WARNING: compiles during the timed repetitions ({before} -> {after}): the timings "
+                      "include compiling", flush=True)
+            else:
+                print(f"  no recompiles during the timed repetitions ({after})", flush=True)
             med = {v: statistics.median(t) for v, t in times.items()}
             dense_tps = tokens_per_call / med[("dense", None)]
             # phi: the FFNs' measured share of the dense step's time (dense twin without FFNs).
-            phi = 1 - med[("no-ffn", None)] / med[("dense", None)]
+            phi = 1 - med[("no-ffn", None)] / med[("dense", None)] if no_ffn is not None else None
             label = f"decode b={n}" if kind == "decode" else f"prefill {n}"
             for s in sparsities:
                 tps = tokens_per_call / med[("lte", s)]
                 ratio = tps / dense_tps
                 bound = 1 / (1 - f * s)
                 attained = (ratio - 1) / (bound - 1) if s > 0 else None
-                timed_bound = 1 / (1 - phi * s)
-                timed_attained = (ratio - 1) / (timed_bound - 1) if s > 0 and phi > 0 else None
+                timed_bound = 1 / (1 - phi * s) if phi is not None else None
+                timed_attained = (ratio - 1) / (timed_bound - 1) if s > 0 and phi and phi > 0 else None
                 if kind == "decode":
                     steps = args.new_tokens
                     union = 1 - s ** n if s > 0 else 1.0
@@ -322,8 +374,8 @@ def run(args, argv) -> str:
                 else:
                     gbs = "—"
                 row = (f"| {dt_name} | {label} | {s} | {density[s]:.2f} | {dense_tps:.1f} | {tps:.1f} | "
-                       f"{ratio:.2f}x | {gbs} | {bound:.2f}x | {fmt(attained)} | {phi:.2f} | "
-                       f"{timed_bound:.2f}x | {fmt(timed_attained)} |")
+                       f"{ratio:.2f}x | {gbs} | {bound:.2f}x | {fmt(attained)} | {fmt(phi)} | "
+                       f"{fmt(timed_bound)}{'x' if timed_bound else ''} | {fmt(timed_attained)} |")
                 table.append(row)
                 print("  " + row, flush=True)
         del fns, dense, sparse, no_ffn
@@ -441,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="hidden 512, vocab 8192, prefill 64, few tokens")
+    p.add_argument("--shape", choices=["tinyllama", "llama2-7b"], default="tinyllama",
+                   help="layer proportions (llama2-7b: hidden 4096, intermediate 11008, 32/32 heads)")
+    p.add_argument("--no-phi", dest="phi", action="store_false",
+                   help="skip the no-FFN twin (one compile less; no φ columns)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, quick 2)")
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
@@ -450,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (the Triton kernels)")
+    p.add_argument("--mode", default=None, help="torch.compile mode for every variant, e.g. reduce-overhead "
+                   "(CUDA graphs)")
+    p.add_argument("--check-eager", action="store_true",
+                   help="also decode each variant eagerly and print the share of equal greedy tokens")
     p.add_argument("--breakdown", action="store_true", help="also print the per-FFN cost split at batch 1")
     p.add_argument("--no-decode", action="store_true", help="only the breakdown / profile")
     p.add_argument("--profile", type=float, default=None, metavar="S",

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lte_compile.kernels.reference import sparse_ffn_reference
+
 SHAPES = {"llama2-7b": (4096, 11008), "small": (1024, 2816)}
 SPARSITIES = (0.0, 0.5, 0.75, 0.9)
 TOKENS = (1, 4, 16, 128, 2048)
@@ -93,6 +95,7 @@ class Row:
     dense_bytes: int = 0  # weight bytes the dense FFN reads
     sparse_bytes: dict | None = None  # s -> weight bytes the sparse op reads (experts any token uses)
     kernels: dict | None = None  # s -> kernel dispatch chose
+    masked_ms: float | None = None  # every expert through the dense GEMMs, then the mask (CUDA)
 
     def speedup(self, s: float) -> float:
         return self.dense_ms / self.sparse[s][0]
@@ -126,6 +129,25 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
                 "index": lambda l: sparse(l, off)}
     for s in sparsities:
         variants[s] = (lambda g: lambda l: sparse(l, g))(gates[s])
+    if dev.type == "cuda":  # the dispatch's alternative there: every expert through cuBLAS, then the mask
+        variants["masked"] = lambda l: sparse_ffn_reference(x, gates[sparsities[-1]], *weights[l][:2],
+                                                            weights[l][2], None, None, None, "silu", B, "hard", TAU)
+    times = _time_cuda(variants, layers, reps) if dev.type == "cuda" else _time_host(variants, layers, reps, T, dev)
+
+    def q(v):
+        v = sorted(v)
+        return (statistics.median(v), v[int(0.2 * (len(v) - 1))], v[int(0.8 * (len(v) - 1))])
+
+    block = 3 * B * d * x.element_size()  # one expert's rows of W_up, W_gate and W_down^T
+    used = {s: int((gates[s] > TAU).any(0).sum()) for s in sparsities}  # experts some token uses
+    return Row(shape, str(dtype).replace("torch.", ""), T, q(times["dense"])[0], q(times["router"])[0],
+               q(times["index"])[0], {s: q(times[s]) for s in sparsities},
+               dense_bytes=E * block, sparse_bytes={s: used[s] * block for s in sparsities},
+               masked_ms=q(times["masked"])[0] if "masked" in times else None)
+
+
+def _time_host(variants: dict, layers: int, reps: int, T: int, dev: torch.device) -> dict:
+    """Per variant, ms of each timed call: interleaved, each call on the next weight set."""
     times = {k: [] for k in variants}
     warm = 1 if T >= 2048 else 5
     for r in range(warm + reps):
@@ -137,16 +159,37 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
             _sync(dev)
             if r >= warm:
                 times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
 
-    def q(v):
-        v = sorted(v)
-        return (statistics.median(v), v[int(0.2 * (len(v) - 1))], v[int(0.8 * (len(v) - 1))])
 
-    block = 3 * B * d * x.element_size()  # one expert's rows of W_up, W_gate and W_down^T
-    used = {s: int((gates[s] > TAU).any(0).sum()) for s in sparsities}  # experts some token uses
-    return Row(shape, str(dtype).replace("torch.", ""), T, q(times["dense"])[0], q(times["router"])[0],
-               q(times["index"])[0], {s: q(times[s]) for s in sparsities},
-               dense_bytes=E * block, sparse_bytes={s: used[s] * block for s in sparsities})
+def _time_cuda(variants: dict, layers: int, reps: int) -> dict:
+    """GPU time per call, without the host: each variant's calls on every weight set (cold: the
+    sets together outgrow the L2) captured in one CUDA graph, replays timed with CUDA events,
+    interleaved across variants. Decode replays a graph too (torch.compile mode="reduce-overhead"),
+    so host launch overhead is not what a user waits for."""
+    graphs = {}
+    with torch.no_grad():
+        for k, fn in variants.items():
+            for l in range(layers):  # warm-up outside capture: autotuning, allocator
+                fn(l)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for l in range(layers):
+                    fn(l)
+            graphs[k] = graph
+    times = {k: [] for k in variants}
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in variants]
+    for r in range(2 + reps):
+        for (k, graph), (start, end) in zip(graphs.items(), events):
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        if r >= 2:
+            for k, (start, end) in zip(graphs, events):
+                times[k].append(start.elapsed_time(end) / layers)
+    return times
 
 
 def _reps(T: int, quick: bool) -> int:
@@ -181,7 +224,8 @@ def run(args) -> list[Row]:
                       + "  ".join(f"s={s}: {row.sparse[s][0]:8.3f} ms {row.sparse_gbs(s):6.1f} GB/s x{row.speedup(s):.2f}"
                                   f" ({row.speedup(s) * (1 - s):.2f} of ideal, {kernels[s]})" for s in args.sparsity)
                       + f"  router {100 * row.router_ms / row.dense_ms:.1f}%"
-                      + f" index {100 * row.index_ms / row.dense_ms:.1f}%", flush=True)
+                      + f" index {100 * row.index_ms / row.dense_ms:.1f}%"
+                      + (f"  dense+mask {row.masked_ms:.3f} ms" if row.masked_ms is not None else ""), flush=True)
             del weights
     return rows
 
@@ -212,15 +256,16 @@ def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
            " both as % of dense. GB/s = weight bytes read (dense: all; sparse: every expert some token uses) / median time.",
            ""]
     head = "| shape | dtype | T | dense ms (GB/s) | " + " | ".join(f"s={s}: ms (GB/s; speedup, of ideal)" for s in sp) \
-        + " | router % | index % |"
-    out += [head, "|" + "---|" * (6 + len(sp))]
+        + " | router % | index % |" + (" dense+mask ms |" if rows and rows[0].masked_ms is not None else "")
+    out += [head, "|" + "---|" * (6 + len(sp) + (rows and rows[0].masked_ms is not None))]
     for r in rows:
         cells = [f"{r.sparse[s][0]:.3f} [{r.sparse[s][1]:.3f}, {r.sparse[s][2]:.3f}] ({r.sparse_gbs(s):.1f} GB/s; "
                  f"x{r.speedup(s):.2f}, {r.speedup(s) * (1 - s):.2f}"
                  f"{'' if r.kernels[s] in ('cpu', 'triton') else ', ' + r.kernels[s]})"
                  for s in sp]
         out.append(f"| {r.shape} | {r.dtype} | {r.T} | {r.dense_ms:.3f} ({r.dense_gbs():.1f}) | " + " | ".join(cells)
-                   + f" | {100 * r.router_ms / r.dense_ms:.1f} | {100 * r.index_ms / r.dense_ms:.1f} |")
+                   + f" | {100 * r.router_ms / r.dense_ms:.1f} | {100 * r.index_ms / r.dense_ms:.1f} |"
+                   + (f" {r.masked_ms:.3f} |" if r.masked_ms is not None else ""))
     return "\n".join(out) + "\n"
 
 

@@ -30,6 +30,7 @@ program count (~0.4 ms each) low. bf16 `tl.dot` is wrong in the interpreter (tri
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -153,17 +154,19 @@ def _decode_down_kernel(
     stride_ht, stride_hn, stride_gt, stride_ge, stride_wdn, stride_wdd, stride_yt, stride_yd,
     # meta-parameters
     EXPERT_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_BD: tl.constexpr, HARD: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_E: tl.constexpr, HAS_BD: tl.constexpr, HARD: tl.constexpr,
 ):
-    """y[t, tile] = sum over experts e used by t of h[t, e's rows] @ W_down^T[e's rows, tile] + b_down."""
+    """y32[t, tile] += sum over experts e = split, split + SPLIT_E, ... used by t of
+    h[t, e's rows] @ W_down^T[e's rows, tile] (+ b_down from split 0); y32 fp32, zeroed."""
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < d_out
+    split = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_E)  # BLOCK_E = next power of 2 >= EXPERT_SIZE
     b_mask = offs_b < EXPERT_SIZE
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for e in range(0, E):
+    for e in range(split, E, SPLIT_E):
         g = tl.load(g_ptr + offs_t * stride_gt + e * stride_ge, mask=t_mask, other=0.0)
         used = t_mask & (_gate_scale(g, tau, HARD) != 0.0)  # [BLOCK_T]
         any_used = tl.max(used.to(tl.int32), axis=0) > 0
@@ -175,9 +178,12 @@ def _decode_down_kernel(
                     mask=used[:, None] & b_mask[None, :], other=0.0)  # [BLOCK_T, BLOCK_E]
         acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)
     if HAS_BD:
-        acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_d[None, :] * stride_yd,
-             acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & d_mask[None, :])
+        if split == 0:
+            acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    # Splits of one column tile meet in y32: SPLIT_E programs stream W_down^T at once (one program
+    # per column tile alone leaves most of a GPU's memory parallelism unused at batch 1).
+    tl.atomic_add(y_ptr + offs_t[:, None] * stride_yt + offs_d[None, :] * stride_yd, acc,
+                  mask=t_mask[:, None] & d_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +193,8 @@ def _decode_down_kernel(
 def _grouped_ffn_kernel(
     # pointers
     x_ptr, tok_ptr, scale_ptr, tile_expert_ptr, wu_ptr, wg_ptr, wd_ptr, bu_ptr, bg_ptr, y_ptr,
-    # dimensions
-    E, d, d_out,
+    # dimensions (T_BUCKET: next power of 2 >= T, only an autotune key)
+    E, d, d_out, T_BUCKET,
     # strides
     stride_xt, stride_xd, stride_wun, stride_wud, stride_wgn, stride_wgd, stride_wdn, stride_wdd,
     stride_yt, stride_yd,
@@ -251,33 +257,77 @@ def _grouped_ffn_kernel(
 # ---------------------------------------------------------------------------------------------
 # autotune configs (CUDA) and fixed interpreter blocks
 # ---------------------------------------------------------------------------------------------
+# Few configs each (every one costs a compile per specialization on first use): decode is
+# memory-bound, so what varies is how many bytes are in flight (rows x columns per program, and
+# for down how many programs split the experts); grouped tiles vary their K/N blocks and warps.
 def _cuda_decode_up_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
-            for bb in (4, 8, 16) for bk in (128, 256, 512) for w in (2, 4)]
+    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=4) for bb in (4, 8, 16) for bk in (256, 512)]
 
 
 def _cuda_decode_down_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd in (32, 64, 128) for w in (2, 4)]
+    return [triton.Config({"BLOCK_D": bd, "SPLIT_E": sp}, num_warps=4) for bd in (64, 128, 256) for sp in (1, 8, 32)]
 
 
 def _cuda_grouped_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-            for bk in (64, 128) for bd in (64, 128) for w in (4, 8) for s in (2, 3)]
+    return [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=3)
+            for bk in (64, 128) for bd in (64, 128) for w in (4, 8)]
+
+
+CUDA_CONFIGS = {"up": _cuda_decode_up_configs, "down": _cuda_decode_down_configs, "grouped": _cuda_grouped_configs}
+# The config each kernel runs with when autotuning is off (LTE_TRITON_AUTOTUNE=0: property tests
+# over hundreds of shapes, each a new autotune key): a middle one of each list.
+_UNTUNED = {"up": dict(BLOCK_B=8, BLOCK_K=256, num_warps=4), "down": dict(BLOCK_D=128, SPLIT_E=8, num_warps=4),
+            "grouped": dict(BLOCK_K=64, BLOCK_D=128, num_warps=4, num_stages=3)}
+_KEYS = {"up": ["T", "d", "EXPERT_SIZE"], "down": ["T", "E", "d_out"], "grouped": ["E", "d", "d_out", "T_BUCKET"]}
+_forced_configs: dict[str, triton.Config] = {}
+
+
+def _autotune_on() -> bool:
+    return os.environ.get("LTE_TRITON_AUTOTUNE", "1") != "0"
+
+
+@contextlib.contextmanager
+def forced_config(kernel_name: str, config: triton.Config):
+    """Within the block, CUDA launches of kernel `kernel_name` ("up" | "down" | "grouped") use
+    `config` instead of the autotuner's choice (tests run every config against the reference)."""
+    if kernel_name not in CUDA_CONFIGS:
+        raise ValueError(f"kernel {kernel_name!r} is not one of {sorted(CUDA_CONFIGS)}")
+    old = _forced_configs.get(kernel_name)
+    _forced_configs[kernel_name] = config
+    try:
+        yield
+    finally:
+        if old is None:
+            _forced_configs.pop(kernel_name)
+        else:
+            _forced_configs[kernel_name] = old
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str):
-    """The autotuned wrapper of a kernel (built lazily: autotuning is for CUDA only)."""
-    if kernel_name == "up":
-        return triton.autotune(_cuda_decode_up_configs(), key=["T", "d", "EXPERT_SIZE"])(_decode_up_kernel)
-    if kernel_name == "down":
-        return triton.autotune(_cuda_decode_down_configs(), key=["T", "E", "d_out"])(_decode_down_kernel)
-    return triton.autotune(_cuda_grouped_configs(), key=["E", "d", "d_out"],
-                           reset_to_zero=["y_ptr"])(_grouped_ffn_kernel)
+    """The autotuned wrapper of a kernel (built lazily: autotuning is for CUDA only). Zeroing the
+    atomically accumulated outputs before each timed config keeps the tuning runs' sums exact."""
+    kernel = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_ffn_kernel}[kernel_name]
+    reset = [] if kernel_name == "up" else ["y_ptr"]
+    return triton.autotune(CUDA_CONFIGS[kernel_name](), key=_KEYS[kernel_name], reset_to_zero=reset)(kernel)
+
+
+def _launch_cuda(kernel_name: str, grid, args, meta) -> None:
+    """Launch on CUDA with the forced config, the untuned default, or the autotuner's choice."""
+    cfg = _forced_configs.get(kernel_name)
+    if cfg is not None:
+        kw = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif not _autotune_on():
+        kw = dict(_UNTUNED[kernel_name])
+    else:
+        _tuned(kernel_name)[grid](*args, **meta)
+        return
+    kernel = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_ffn_kernel}[kernel_name]
+    kernel[grid](*args, **meta, **kw)
 
 
 # The interpreter runs each program in numpy: big blocks mean few programs.
-_INTERP_BLOCKS = {"BLOCK_K": 128, "BLOCK_D": 128, "BLOCK_M": 16}
+_INTERP_BLOCKS = {"BLOCK_K": 128, "BLOCK_D": 128, "BLOCK_M": 16, "SPLIT_E": 2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,7 +383,8 @@ def sparse_ffn_triton(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | N
 
 def _launch_decode(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_code, B, mode, tau, *, interp):
     """Few tokens: one program per expert computes h for the tokens using it (multiply + sum: no
-    `tl.dot`, whose minimum size is 16), then column tiles of y gather the used experts' rows."""
+    `tl.dot`, whose minimum size is 16), then (column tile, expert split) programs gather the used
+    experts' rows of W_down^T into an fp32 y."""
     T, d = x.shape
     E = gates.shape[1]
     N, d_out = w_down.shape
@@ -342,27 +393,36 @@ def _launch_decode(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_cod
     dummy = w_up  # stands in for absent biases (never loaded: HAS_* flags are False)
     block_t = max(2, triton.next_power_of_2(T))
     h = torch.empty(T, N, dtype=torch.float32, device=x.device)  # only used pairs written
-    y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
+    y32 = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
     up_args = (x, gates, w_up, wg, b_up if b_up is not None else dummy,
                b_gate if b_gate is not None else dummy, h, T, d, tau_g,
                x.stride(0), x.stride(1), gates.stride(0), gates.stride(1),
                w_up.stride(0), w_up.stride(1), wg.stride(0), wg.stride(1), h.stride(0), h.stride(1))
     up_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, ACT=act_code, GLU=glu,
                    HAS_BU=b_up is not None, HAS_BG=b_gate is not None, HARD=hard)
-    down_args = (h, gates, w_down, b_down if b_down is not None else dummy, y, T, E, d_out,
+    down_args = (h, gates, w_down, b_down if b_down is not None else dummy, y32, T, E, d_out,
                  tau_g, h.stride(0), h.stride(1), gates.stride(0), gates.stride(1),
-                 w_down.stride(0), w_down.stride(1), y.stride(0), y.stride(1))
+                 w_down.stride(0), w_down.stride(1), y32.stride(0), y32.stride(1))
     down_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(B),
                      HAS_BD=b_down is not None, HARD=hard)
     if interp or not x.is_cuda:
         bb = triton.next_power_of_2(B)
         _decode_up_kernel[(E, 1)](*up_args, BLOCK_B=bb, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"], **up_meta)
-        _decode_down_kernel[(triton.cdiv(d_out, _INTERP_BLOCKS["BLOCK_D"]),)](
-            *down_args, BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], **down_meta)
+        _decode_down_kernel[(triton.cdiv(d_out, _INTERP_BLOCKS["BLOCK_D"]), _INTERP_BLOCKS["SPLIT_E"])](
+            *down_args, BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], SPLIT_E=_INTERP_BLOCKS["SPLIT_E"], **down_meta)
     else:
-        _tuned("up")[lambda meta: (E, triton.cdiv(B, meta["BLOCK_B"]))](*up_args, **up_meta)
-        _tuned("down")[lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]),)](*down_args, **down_meta)
-    return y
+        _launch_cuda("up", lambda meta: (E, triton.cdiv(B, meta["BLOCK_B"])), up_args, up_meta)
+        _launch_cuda("down", lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]), meta["SPLIT_E"]),
+                     down_args, down_meta)
+    return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
+
+
+def grouped_block_m(T: int, interp: bool = False) -> int:
+    """Rows per grouped tile: about the tokens an expert gets at half density (T / 2), a power of
+    2 in [16, 128] (`tl.dot`'s minimum is 16; past 128 a tile's accumulators spill)."""
+    if interp:
+        return _INTERP_BLOCKS["BLOCK_M"]
+    return min(128, max(16, triton.next_power_of_2(T) // 2))
 
 
 def _launch_grouped(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_code, B, mode, tau, *, interp):
@@ -376,13 +436,13 @@ def _launch_grouped(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_co
     glu = w_gate is not None
     wg = w_gate if glu else w_up  # placeholder pointer when there is no gate (never loaded)
     dummy = w_up  # stands in for absent biases (never loaded: HAS_* flags are False)
-    block_m = _INTERP_BLOCKS["BLOCK_M"] if interp else 64
+    block_m = grouped_block_m(T, interp)
     scale = expert_scale(gates, mode, tau, torch.float32)  # [T, E]
     tok, pair_scale, tile_expert = group_by_expert(scale, block_m)
     y32 = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
     args = (x, tok, pair_scale, tile_expert, w_up, wg, w_down,
             b_up if b_up is not None else dummy, b_gate if b_gate is not None else dummy, y32,
-            E, d, d_out, x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1),
+            E, d, d_out, triton.next_power_of_2(T), x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1),
             wg.stride(0), wg.stride(1), w_down.stride(0), w_down.stride(1), y32.stride(0), y32.stride(1))
     meta = dict(EXPERT_SIZE=B, BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(B)), ACT=act_code,
                 GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
@@ -393,10 +453,10 @@ def _launch_grouped(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_co
         _grouped_ffn_kernel[grid](*args, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"],
                                   BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], **meta)
     else:
-        _tuned("grouped")[grid](*args, **meta)
+        _launch_cuda("grouped", grid, args, meta)
     if b_down is not None:
         y32 += b_down.float()
-    return y32.to(x.dtype)
+    return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
 
 
 if __name__ == "__main__":  # check against the reference and time against cuBLAS (CUDA only)

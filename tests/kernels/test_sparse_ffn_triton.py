@@ -102,14 +102,70 @@ def test_group_by_expert_exact():
     assert (tile_e[len(exp_tiles):] == E).all(), "tiles past the end are marked E"
 
 
+@contextlib.contextmanager
+def untuned():
+    """CUDA launches use each kernel's default config (LTE_TRITON_AUTOTUNE=0): a property test
+    draws a new autotune key per example, and timing ~20 configs per example would take minutes;
+    `test_gpu_every_config_matches_naive` covers the other configs."""
+    old = os.environ.get("LTE_TRITON_AUTOTUNE")
+    os.environ["LTE_TRITON_AUTOTUNE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LTE_TRITON_AUTOTUNE"]
+        else:
+            os.environ["LTE_TRITON_AUTOTUNE"] = old
+
+
 @gpu
 @needs_cuda
-@settings(max_examples=examples(200))
+@settings(max_examples=examples(25))  # each example compiles its own specialization (~1 s)
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_T=300,
                              max_d=300, max_E=12))
 def test_gpu_matches_naive(case):
-    """Both paths with autotuned blocks, bf16 tl.dot included (real hardware only)."""
-    assert_matches_naive(run(case, "cuda"), case, "Triton on CUDA")
+    """Both paths on real hardware, bf16 tl.dot included, on each kernel's default config."""
+    with untuned():
+        assert_matches_naive(run(case, "cuda"), case, "Triton on CUDA")
+
+
+def ragged_case(T: int, dtype: torch.dtype, seed: int, d: int = 200, E: int = 9, B: int = 32) -> sparse_ffn_case:
+    """A GLU problem with biases and a ragged mask (each token its own number of experts, 0..E)."""
+    from lte_compile.testing import gate_mask
+
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64, generator=g)
+    N = E * B
+    gates = torch.where(gate_mask("ragged", T, E, g), TAU + 0.3, TAU - 0.3).float()
+    return sparse_ffn_case(x=torch.randn(T, d, **f64), gates=gates, w_up=torch.randn(N, d, **f64) / d ** 0.5,
+                           w_gate=torch.randn(N, d, **f64) / d ** 0.5, w_down=torch.randn(N, d + 3, **f64) / N ** 0.5,
+                           b_up=torch.randn(N, **f64), b_gate=torch.randn(N, **f64), b_down=torch.randn(d + 3, **f64),
+                           act="silu", expert_size=B, mode="hard", mask_kind="ragged", dtype=dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kernel", sorted(tri.CUDA_CONFIGS))
+def test_gpu_every_config_matches_naive(kernel):
+    """Every autotune config of each kernel (block sizes, warps, expert splits) on ragged masks:
+    the autotuner may pick any of them for some shape. Configs cycle through fp32 / bf16 and the
+    token counts (one compile each); a config the GPU cannot hold (shared memory) the autotuner
+    skips too, so it is skipped here, but at least one of each kernel must run."""
+    from triton.runtime.errors import OutOfResources
+
+    tokens = (1, 5, 8) if kernel in ("up", "down") else (tri.DECODE_MAX_T + 1, 40, 300)
+    ran = 0
+    for i, cfg in enumerate(tri.CUDA_CONFIGS[kernel]()):
+        T, dtype = tokens[i % len(tokens)], (torch.bfloat16, torch.float32)[i % 2]
+        case = ragged_case(T, dtype, seed=i)
+        with tri.forced_config(kernel, cfg):
+            try:
+                out = run(case, "cuda")
+            except OutOfResources:
+                continue
+        assert_matches_naive(out, case, f"Triton {kernel} config {cfg}, T={T}")
+        ran += 1
+    assert ran > 0, f"no config of {kernel} fits this GPU"
 
 
 @gpu
