@@ -54,13 +54,17 @@ _KERNELS: dict[str, Kernel] = {"reference": sparse_ffn_reference}
 # name -> the module (relative to this package) whose import registers it: imported on first use.
 _PROVIDERS = {"cpu": ".cpu", "dense": ".cpu", "torch": ".cpu", "triton": ".sparse_ffn_triton"}
 _forced: str | None = None
+_APPLIES_NAN_POLICY: set[str] = set()  # kernels registered with nan_policy=True
 
 
-def register_kernel(name: str, fn: Kernel | None = None):
-    """Adds kernel `fn` under `name` (replacing any previous one); usable as a decorator."""
+def register_kernel(name: str, fn: Kernel | None = None, *, nan_policy: bool = False):
+    """Adds kernel `fn` under `name` (replacing any previous one); usable as a decorator.
+    nan_policy=True: the kernel itself makes the rows of y whose x has a NaN/Inf NaN (the ops' NaN
+    policy, `nan_rows_like_eager`), so `sparse_ffn_forward` does not pass over x and y again."""
     if fn is None:
-        return lambda f: register_kernel(name, f)
+        return lambda f: register_kernel(name, f, nan_policy=nan_policy)
     _KERNELS[name] = fn
+    (_APPLIES_NAN_POLICY.add if nan_policy else _APPLIES_NAN_POLICY.discard)(name)
     return fn
 
 
@@ -156,10 +160,12 @@ def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | 
                        w_down: Tensor, b_up: Tensor | None, b_gate: Tensor | None,
                        b_down: Tensor | None, act: str, expert_size: int, mode: str,
                        tau: float) -> Tensor:
-    """Forward of the sparse FFN op on real tensors (same contract as the reference)."""
+    """Forward of the sparse FFN op on real tensors (same contract as the reference), under the
+    ops' NaN policy (rows of y whose x has a NaN/Inf are NaN, as in the eager masked FFN)."""
     args = (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)
     name, out = _choose(x, w_up, mode, gates, tau, w_gate, w_down, lambda k: get_kernel(k)(*args))
-    return out if out is not None else get_kernel(name)(*args)
+    y = out if out is not None else get_kernel(name)(*args)
+    return y if name in _APPLIES_NAN_POLICY else nan_rows_like_eager(x, y)
 
 
 def routed_sparse_ffn_forward(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: Tensor,
@@ -181,4 +187,4 @@ def routed_sparse_ffn_forward(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: 
             return out
     gates = torch.sigmoid(torch.nn.functional.linear(x.to(w_r.dtype), w_r, b_r))
     y = sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau)
-    return nan_rows_like_eager(x, y), gates
+    return y, gates

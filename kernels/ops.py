@@ -21,7 +21,8 @@ NaN policy: the op gives what the eager FFN gives. Eager hard mode multiplies h 
 so a non-finite value in a token's x makes its whole output row NaN (NaN * 0 = NaN), even with every
 expert off; kernels skip off experts and would return b_down there. Every sparse FFN op therefore
 sets the rows whose x has a NaN/Inf to NaN after the kernel (one pass over x;
-`reference.nan_rows_like_eager`, in C++ for the fused router path).
+`reference.nan_rows_like_eager`, applied by `dispatch.sparse_ffn_forward` unless the kernel does it
+itself: in C++ for the fused router path, inside the Triton decode kernels).
 
 `sparse_ffn` and `apply_gates` are `custom_op`s with a fake (shapes static: no data-dependent size
 reaches Dynamo) and an autograd formula for soft and hard mode; the two inference ops share the
@@ -36,8 +37,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .reference import (ACTIVATIONS, MODES, activation, activation_backward, apply_gates_reference,
-                        nan_rows_like_eager)
+from .reference import ACTIVATIONS, MODES, activation, activation_backward, apply_gates_reference
 
 __all__ = ["ACTIVATIONS", "MODES", "ApplyGatesArgs", "apply_gates", "routed_sparse_ffn_inference", "sparse_ffn",
            "sparse_ffn_inference"]
@@ -74,9 +74,8 @@ def _sparse_ffn_kernel(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | 
     """LTE FFN over the experts selected by `gates` (see kernels/reference.py for the contract)."""
     if not _args_ok(x, gates.shape, w_up, w_gate, w_down, act, expert_size, mode):
         _check_sparse_ffn_args(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode)
-    y = dispatch.sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                                    act, expert_size, mode, tau)
-    return nan_rows_like_eager(x, y)
+    return dispatch.sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                                       act, expert_size, mode, tau)  # NaN policy applied there
 
 
 sparse_ffn = torch.library.custom_op("lte::sparse_ffn", _sparse_ffn_kernel, mutates_args=())

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import register_kernel
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, nan_rows_like_eager
 
 DECODE_MAX_T = 8
 # ACT constexpr of `_act` per activation name; the names are the op's (reference.ACTIVATIONS).
@@ -100,10 +100,10 @@ def _gate_scale(g, tau, HARD: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_up_kernel(
-    # pointers
-    x_ptr, g_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
-    # dimensions
-    T, d, tau,
+    # pointers (y: the fp32 output, zeroed here; bad: per-token "x has a NaN/Inf" flags, set here)
+    x_ptr, g_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, y_ptr, bad_ptr,
+    # dimensions (ZERO_CHUNK: elements of y each program zeroes)
+    T, d, tau, y_numel, ZERO_CHUNK,
     # strides
     stride_xt, stride_xd, stride_gt, stride_ge, stride_wun, stride_wud, stride_wgn, stride_wgd,
     stride_ht, stride_hn,
@@ -112,10 +112,27 @@ def _decode_up_kernel(
     BLOCK_K: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BU: tl.constexpr,
     HAS_BG: tl.constexpr, HARD: tl.constexpr,
 ):
-    """h[t, rows] = act(x W_gate[rows]^T + b_gate) * (x W_up[rows]^T + b_up) * scale[t, e]."""
+    """h[t, rows] = act(x W_gate[rows]^T + b_gate) * (x W_up[rows]^T + b_up) * scale[t, e].
+
+    Also, so that decode needs no other kernel before the down one: every program zeroes its
+    ZERO_CHUNK of the contiguous fp32 y (the down kernel accumulates into it), and program (0, 0)
+    flags the tokens whose x has a non-finite value (the ops' NaN policy, applied by the down kernel)."""
     e = tl.program_id(0)
+    pid = e * tl.num_programs(1) + tl.program_id(1)
+    offs_z = tl.arange(0, 256)
+    for z0 in range(pid * ZERO_CHUNK, (pid + 1) * ZERO_CHUNK, 256):
+        tl.store(y_ptr + z0 + offs_z, tl.zeros((256,), dtype=tl.float32),
+                 mask=(z0 + offs_z < y_numel) & (z0 + offs_z < (pid + 1) * ZERO_CHUNK))
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
+    if pid == 0:
+        n_bad = tl.zeros((BLOCK_T,), dtype=tl.int32)
+        for k0 in range(0, d, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
+                         mask=t_mask[:, None] & (offs_k < d)[None, :], other=0.0).to(tl.float32)
+            n_bad += tl.sum(((xk != xk) | (tl.abs(xk) == float("inf"))).to(tl.int32), axis=1)
+        tl.store(bad_ptr + offs_t, n_bad)
     g = tl.load(g_ptr + offs_t * stride_gt + e * stride_ge, mask=t_mask, other=0.0)
     scale = tl.where(t_mask, _gate_scale(g, tau, HARD), 0.0)  # [BLOCK_T]
     n_used = tl.sum((scale != 0.0).to(tl.int32), axis=0)
@@ -147,43 +164,53 @@ def _decode_up_kernel(
 @triton.jit
 def _decode_down_kernel(
     # pointers
-    h_ptr, g_ptr, wd_ptr, bd_ptr, y_ptr,
+    h_ptr, g_ptr, wd_ptr, bd_ptr, y_ptr, bad_ptr,
     # dimensions
     T, E, d_out, tau,
     # strides
     stride_ht, stride_hn, stride_gt, stride_ge, stride_wdn, stride_wdd, stride_yt, stride_yd,
     # meta-parameters
     EXPERT_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT_E: tl.constexpr, HAS_BD: tl.constexpr, HARD: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP_E: tl.constexpr, HAS_BD: tl.constexpr, HARD: tl.constexpr,
 ):
-    """y32[t, tile] += sum over experts e = split, split + SPLIT_E, ... used by t of
-    h[t, e's rows] @ W_down^T[e's rows, tile] (+ b_down from split 0); y32 fp32, zeroed."""
+    """y32[t, tile] += sum over the GROUP_E experts e of this program used by t of
+    h[t, e's rows] @ W_down^T[e's rows, tile]; group 0 also adds b_down and NaN for flagged tokens.
+
+    One program per (group of GROUP_E consecutive experts, column tile): the group's gates come in
+    one load and its experts' weight loads are unrolled (independent, all in flight at once), so no
+    program walks a long chain of dependent loads; a group no token uses returns at once."""
+    pid_e = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < d_out
-    split = tl.program_id(1)
-    offs_b = tl.arange(0, BLOCK_E)  # BLOCK_E = next power of 2 >= EXPERT_SIZE
-    b_mask = offs_b < EXPERT_SIZE
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for e in range(split, E, SPLIT_E):
-        g = tl.load(g_ptr + offs_t * stride_gt + e * stride_ge, mask=t_mask, other=0.0)
-        used = t_mask & (_gate_scale(g, tau, HARD) != 0.0)  # [BLOCK_T]
-        any_used = tl.max(used.to(tl.int32), axis=0) > 0
-        rows = e * EXPERT_SIZE + offs_b
-        # Predicated off when no token uses e: the weight tile costs no memory traffic.
-        w = tl.load(wd_ptr + rows[:, None] * stride_wdn + offs_d[None, :] * stride_wdd,
-                    mask=(b_mask[:, None] & d_mask[None, :]) & any_used, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + offs_t[:, None] * stride_ht + rows[None, :] * stride_hn,
-                    mask=used[:, None] & b_mask[None, :], other=0.0)  # [BLOCK_T, BLOCK_E]
-        acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)
-    if HAS_BD:
-        if split == 0:
-            acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    # Splits of one column tile meet in y32: SPLIT_E programs stream W_down^T at once (one program
-    # per column tile alone leaves most of a GPU's memory parallelism unused at batch 1).
-    tl.atomic_add(y_ptr + offs_t[:, None] * stride_yt + offs_d[None, :] * stride_yd, acc,
-                  mask=t_mask[:, None] & d_mask[None, :])
+    offs_j = tl.arange(0, GROUP_E)
+    experts = pid_e * GROUP_E + offs_j
+    g = tl.load(g_ptr + offs_t[:, None] * stride_gt + experts[None, :] * stride_ge,
+                mask=t_mask[:, None] & (experts < E)[None, :], other=0.0)
+    used = (_gate_scale(g, tau, HARD) != 0.0) & t_mask[:, None] & (experts < E)[None, :]  # [BLOCK_T, GROUP_E]
+    n_used = tl.sum(tl.sum(used.to(tl.int32), axis=1), axis=0)
+    if (n_used > 0) | (pid_e == 0):
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_out
+        offs_b = tl.arange(0, BLOCK_E)  # BLOCK_E = next power of 2 >= EXPERT_SIZE
+        b_mask = offs_b < EXPERT_SIZE
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for j in tl.static_range(GROUP_E):
+            used_j = tl.sum(tl.where(offs_j[None, :] == j, used.to(tl.int32), 0), axis=1) > 0  # [BLOCK_T]
+            any_j = tl.max(used_j.to(tl.int32), axis=0) > 0
+            rows = (pid_e * GROUP_E + j) * EXPERT_SIZE + offs_b
+            # Predicated off when no token uses the expert: its tile costs no memory traffic.
+            w = tl.load(wd_ptr + rows[:, None] * stride_wdn + offs_d[None, :] * stride_wdd,
+                        mask=(b_mask[:, None] & d_mask[None, :]) & any_j, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + offs_t[:, None] * stride_ht + rows[None, :] * stride_hn,
+                        mask=used_j[:, None] & b_mask[None, :], other=0.0)  # [BLOCK_T, BLOCK_E]
+            acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)
+        if pid_e == 0:
+            if HAS_BD:
+                acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            bad = tl.load(bad_ptr + offs_t, mask=t_mask, other=0)
+            acc = tl.where(bad[:, None] != 0, float("nan"), acc)  # NaN + anything = NaN: the row stays NaN
+        tl.atomic_add(y_ptr + offs_t[:, None] * stride_yt + offs_d[None, :] * stride_yd, acc,
+                      mask=t_mask[:, None] & d_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +292,7 @@ def _cuda_decode_up_configs() -> list[triton.Config]:
 
 
 def _cuda_decode_down_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_D": bd, "SPLIT_E": sp}, num_warps=4) for bd in (64, 128, 256) for sp in (1, 8, 32)]
+    return [triton.Config({"BLOCK_D": bd, "GROUP_E": ge}, num_warps=4) for bd in (64, 128, 256) for ge in (1, 4, 8)]
 
 
 def _cuda_grouped_configs() -> list[triton.Config]:
@@ -276,7 +303,7 @@ def _cuda_grouped_configs() -> list[triton.Config]:
 CUDA_CONFIGS = {"up": _cuda_decode_up_configs, "down": _cuda_decode_down_configs, "grouped": _cuda_grouped_configs}
 # The config each kernel runs with when autotuning is off (LTE_TRITON_AUTOTUNE=0: property tests
 # over hundreds of shapes, each a new autotune key): a middle one of each list.
-_UNTUNED = {"up": dict(BLOCK_B=8, BLOCK_K=256, num_warps=4), "down": dict(BLOCK_D=128, SPLIT_E=8, num_warps=4),
+_UNTUNED = {"up": dict(BLOCK_B=8, BLOCK_K=256, num_warps=4), "down": dict(BLOCK_D=128, GROUP_E=4, num_warps=4),
             "grouped": dict(BLOCK_K=64, BLOCK_D=128, num_warps=4, num_stages=3)}
 _KEYS = {"up": ["T", "d", "EXPERT_SIZE"], "down": ["T", "E", "d_out"], "grouped": ["E", "d", "d_out", "T_BUCKET"]}
 _forced_configs: dict[str, triton.Config] = {}
@@ -327,7 +354,7 @@ def _launch_cuda(kernel_name: str, grid, args, meta) -> None:
 
 
 # The interpreter runs each program in numpy: big blocks mean few programs.
-_INTERP_BLOCKS = {"BLOCK_K": 128, "BLOCK_D": 128, "BLOCK_M": 16, "SPLIT_E": 2}
+_INTERP_BLOCKS = {"BLOCK_K": 128, "BLOCK_D": 128, "BLOCK_M": 16, "GROUP_E": 2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,13 +385,13 @@ def group_by_expert(scale: Tensor, block_m: int) -> tuple[Tensor, Tensor, Tensor
     tok.scatter_(0, dest.flatten(), torch.arange(T, dtype=torch.int32, device=dev).repeat(E))
     pair_scale = torch.zeros(M + 1, dtype=torch.float32, device=dev)
     pair_scale.scatter_(0, dest.flatten(), scale.t().flatten())
-    tok[M] = -1  # the trash slot received unused pairs
+    tok[M:].fill_(-1)  # the trash slot received unused pairs (a slice fill: no host scalar copy, capturable)
     tile_start = torch.arange(n_tiles, device=dev) * block_m
     tile_expert = torch.searchsorted(ends, tile_start, right=True).to(torch.int32)  # E past the end
     return tok[:M], pair_scale[:M], tile_expert
 
 
-@register_kernel("triton")
+@register_kernel("triton", nan_policy=True)
 def sparse_ffn_triton(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,
                       w_down: Tensor, b_up: Tensor | None, b_gate: Tensor | None,
                       b_down: Tensor | None, act: str, expert_size: int, mode: str,
@@ -382,9 +409,11 @@ def sparse_ffn_triton(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | N
 
 
 def _launch_decode(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_code, B, mode, tau, *, interp):
-    """Few tokens: one program per expert computes h for the tokens using it (multiply + sum: no
-    `tl.dot`, whose minimum size is 16), then (column tile, expert split) programs gather the used
-    experts' rows of W_down^T into an fp32 y."""
+    """Few tokens: one program per (expert, row block) computes h for the tokens using it
+    (multiply + sum: no `tl.dot`, whose minimum size is 16), then (expert group, column tile)
+    programs add the used experts' rows of W_down^T into an fp32 y. Two kernels and, for 16-bit
+    outputs, a cast: the up kernel also zeroes y and flags non-finite tokens, the down kernel
+    adds b_down and applies the NaN policy."""
     T, d = x.shape
     E = gates.shape[1]
     N, d_out = w_down.shape
@@ -393,26 +422,33 @@ def _launch_decode(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_cod
     dummy = w_up  # stands in for absent biases (never loaded: HAS_* flags are False)
     block_t = max(2, triton.next_power_of_2(T))
     h = torch.empty(T, N, dtype=torch.float32, device=x.device)  # only used pairs written
-    y32 = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
-    up_args = (x, gates, w_up, wg, b_up if b_up is not None else dummy,
-               b_gate if b_gate is not None else dummy, h, T, d, tau_g,
-               x.stride(0), x.stride(1), gates.stride(0), gates.stride(1),
-               w_up.stride(0), w_up.stride(1), wg.stride(0), wg.stride(1), h.stride(0), h.stride(1))
+    y32 = torch.empty(T, d_out, dtype=torch.float32, device=x.device)  # zeroed by the up kernel
+    bad = torch.empty(block_t, dtype=torch.int32, device=x.device)  # written by the up kernel
+
+    def up_args(n_programs):
+        return (x, gates, w_up, wg, b_up if b_up is not None else dummy,
+                b_gate if b_gate is not None else dummy, h, y32, bad, T, d, tau_g, y32.numel(),
+                triton.cdiv(y32.numel(), n_programs), x.stride(0), x.stride(1), gates.stride(0), gates.stride(1),
+                w_up.stride(0), w_up.stride(1), wg.stride(0), wg.stride(1), h.stride(0), h.stride(1))
     up_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, ACT=act_code, GLU=glu,
                    HAS_BU=b_up is not None, HAS_BG=b_gate is not None, HARD=hard)
-    down_args = (h, gates, w_down, b_down if b_down is not None else dummy, y32, T, E, d_out,
+    down_args = (h, gates, w_down, b_down if b_down is not None else dummy, y32, bad, T, E, d_out,
                  tau_g, h.stride(0), h.stride(1), gates.stride(0), gates.stride(1),
                  w_down.stride(0), w_down.stride(1), y32.stride(0), y32.stride(1))
     down_meta = dict(EXPERT_SIZE=B, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(B),
                      HAS_BD=b_down is not None, HARD=hard)
     if interp or not x.is_cuda:
-        bb = triton.next_power_of_2(B)
-        _decode_up_kernel[(E, 1)](*up_args, BLOCK_B=bb, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"], **up_meta)
-        _decode_down_kernel[(triton.cdiv(d_out, _INTERP_BLOCKS["BLOCK_D"]), _INTERP_BLOCKS["SPLIT_E"])](
-            *down_args, BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], SPLIT_E=_INTERP_BLOCKS["SPLIT_E"], **down_meta)
+        ge = _INTERP_BLOCKS["GROUP_E"]
+        _decode_up_kernel[(E, 1)](*up_args(E), BLOCK_B=triton.next_power_of_2(B),
+                                  BLOCK_K=_INTERP_BLOCKS["BLOCK_K"], **up_meta)
+        _decode_down_kernel[(triton.cdiv(E, ge), triton.cdiv(d_out, _INTERP_BLOCKS["BLOCK_D"]))](
+            *down_args, BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], GROUP_E=ge, **down_meta)
     else:
-        _launch_cuda("up", lambda meta: (E, triton.cdiv(B, meta["BLOCK_B"])), up_args, up_meta)
-        _launch_cuda("down", lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]), meta["SPLIT_E"]),
+        # The zeroing share depends on the grid, which depends on the config's BLOCK_B: sized for
+        # the smallest grid any config has (the largest BLOCK_B), so every config zeroes all of y.
+        min_programs = E * triton.cdiv(B, max(c.kwargs["BLOCK_B"] for c in _cuda_decode_up_configs()))
+        _launch_cuda("up", lambda meta: (E, triton.cdiv(B, meta["BLOCK_B"])), up_args(min_programs), up_meta)
+        _launch_cuda("down", lambda meta: (triton.cdiv(E, meta["GROUP_E"]), triton.cdiv(d_out, meta["BLOCK_D"])),
                      down_args, down_meta)
     return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
 
@@ -456,7 +492,7 @@ def _launch_grouped(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_co
         _launch_cuda("grouped", grid, args, meta)
     if b_down is not None:
         y32 += b_down.float()
-    return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
+    return nan_rows_like_eager(x, y32 if x.dtype == torch.float32 else y32.to(x.dtype))
 
 
 if __name__ == "__main__":  # check against the reference and time against cuBLAS (CUDA only)

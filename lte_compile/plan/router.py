@@ -45,6 +45,7 @@ class LTERouter(nn.Module):
         self.expert_size = expert_size
         self.num_experts = spec.d_ff // expert_size
         self._tau = float(tau)
+        self._tau_literal = repr(self._tau)  # what compiled graphs read (`_threshold`)
         self.mode = "dense"
         self.observer: Callable[[str, Tensor], None] | None = None
         """Called with ('x', FFN input) and ('h', hidden activations) by a functional FFN's rewritten
@@ -105,12 +106,12 @@ class RouteHook:
             self.router.last_gates = self.router(args[0])
 
 
-@torch.compiler.assume_constant_result
 def _threshold(router: LTERouter) -> float:
-    """tau as a graph constant: under dynamic=True Dynamo would otherwise turn this float
-    attribute into a graph input, and the fused op needs the threshold as a literal. tau is fixed
-    by Config at prepare time and `LTERouter.tau` refuses assignment, so not guarding it is safe."""
-    return router.tau
+    """tau as a graph constant: under dynamic=True Dynamo would turn a float attribute into a graph
+    input, and the fused op needs the threshold as a literal. A string attribute is always a
+    constant to Dynamo (guarded by value), and float() of a constant folds; this works on every
+    torch >= 2.11 (`assume_constant_result` on a module argument fails to trace on 2.11)."""
+    return float(router._tau_literal)
 
 
 class GateHook:

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 
 from lte_compile.kernels import sparse_ffn_triton as tri
-from lte_compile.testing import TAU, assert_matches_naive, examples, sparse_ffn_cases
+from lte_compile.testing import TAU, assert_matches_naive, examples, naive_sparse_ffn, sparse_ffn_cases
 from lte_compile.testing import FFNCase as sparse_ffn_case
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -77,6 +77,26 @@ def test_every_activation_both_paths(act):
 def test_grouped_path_matches_naive(case):
     """T > DECODE_MAX_T: pairs sorted by expert, padded tiles, tl.dot, atomic scatter."""
     assert_matches_naive(run(case), case, "Triton grouped")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
+@pytest.mark.parametrize("T", [3, tri.DECODE_MAX_T + 5])
+def test_nan_policy(T, device):
+    """Rows of y whose x has a NaN/Inf are NaN (the eager masked FFN's NaN * 0), also for a token
+    with every expert off; the other rows are untouched. The decode path applies it inside its
+    kernels, the grouped path after them (the dispatch skips its own pass for this kernel)."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    case = ragged_case(T, torch.float32, seed=T, d=24, E=3, B=8)
+    case.x[0, 5] = float("nan")
+    case.x[2, 1] = float("inf")
+    case.gates[2] = TAU - 0.3  # token 2: every expert off
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in case.args()]
+    y = tri.sparse_ffn_triton(*args).cpu()
+    assert torch.isnan(y[[0, 2]]).all(), "rows with a non-finite x must be NaN"
+    ref = naive_sparse_ffn(*case.args64())
+    torch.testing.assert_close(y[1].double(), ref[1], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(y[3:]).all()
 
 
 def test_group_by_expert_exact():
