@@ -216,10 +216,12 @@ def run(args) -> list[Row]:
             weights = [tuple((torch.randn(N, d, generator=gen) / d ** 0.5).to(dev, dtype) for _ in range(3))
                        for _ in range(args.layers)]
             for T in args.tokens:
-                kernels = {s: dispatch.choose_kernel(torch.empty(T, 0, device=dev, dtype=dtype), weights[0][0],
-                                                     "hard", _gates(T, N // B, s, torch.Generator(), dev), TAU)
-                           for s in args.sparsity}
                 row = bench_case(shape, dtype, T, args.sparsity, args.layers, _reps(T, args.quick), dev, weights)
+                # What the dispatch ran (after the run: a measured decision is cached by then).
+                kernels = {s: dispatch.choose_kernel(torch.empty(T, d, device=dev, dtype=dtype), weights[0][0],
+                                                     "hard", _gates(T, N // B, s, torch.Generator(), dev), TAU,
+                                                     w_gate=weights[0][1], w_down=weights[0][2])
+                           for s in args.sparsity}
                 row.kernels = kernels
                 rows.append(row)
                 print(f"{shape:9s} {row.dtype:8s} T={T:<5d} dense {row.dense_ms:8.3f} ms {row.dense_gbs():6.1f} GB/s  "

@@ -8,6 +8,10 @@ lookup only (`_PROVIDERS`), so CPU-only use never imports triton.
 
     device  mode  dtype             kernel
     cuda    hard  fp32/fp16/bf16    Triton (sparse_ffn_triton: decode path T <= 8, grouped above)
+                                    or "reference" (cuBLAS for every expert, then the mask),
+                                    whichever was faster when both were timed on this GPU for
+                                    this shape bucket (autotune.cuda_tuner; no density in the
+                                    key: reading it would sync the host in every call)
     cpu     hard  fp32/fp16/bf16    T <= 4: C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a
                                     compiler). Larger T: C++ or "dense" (cpu.dense_masked_ffn: dense
                                     MKL/oneDNN GEMMs, one fused act*up*mask pass), whichever was
@@ -135,7 +139,7 @@ def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run) -> tuple[str, Tensor
     if mode != "hard" or x.dtype not in _FAST_DTYPES or w_up.dtype != x.dtype:
         return "reference", None
     if x.is_cuda:
-        return "triton", None
+        return _choose_cuda(x, w_up, gates, w_gate, w_down, run)
     if x.device.type != "cpu":
         return "reference", None
     T = x.shape[0]
@@ -154,6 +158,31 @@ def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run) -> tuple[str, Tensor
     if run is None:
         return constant_rule(x.dtype, T, density), None
     return tuner.measure(key, run)
+
+
+def cuda_rule(T: int) -> str:
+    """The CUDA choice without measurements (autotuning off, or a first call inside a CUDA-graph
+    capture, where nothing can be timed): the Triton kernel for single tokens, where it reads a
+    subset of dense's bytes; otherwise every expert through cuBLAS, then the mask."""
+    return "triton" if T == 1 else autotune.CUDA_SAFE
+
+
+def _choose_cuda(x, w_up, gates, w_gate, w_down, run) -> tuple[str, Tensor | None]:
+    T = x.shape[0]
+    if gates is None or run is None or not autotune.enabled() or gates.shape[1] == 0:
+        return cuda_rule(T), None
+    n, d = w_up.shape
+    key = autotune.cuda_bucket(x.dtype, d, d if w_down is None else w_down.shape[1], n, n // gates.shape[1],
+                               w_gate is not None, T)
+    tuner = autotune.cuda_tuner()
+    hit = tuner.lookup(key)
+    if hit is not None:
+        return hit, None
+    if torch.cuda.is_current_stream_capturing():
+        return cuda_rule(T), None
+    for name in autotune.CUDA_CANDIDATES:  # first use: Triton's autotuner compiles and times its configs
+        run(name)
+    return tuner.measure(key, run, autotune.CUDA_CANDIDATES, safe=autotune.CUDA_SAFE)
 
 
 def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,

@@ -191,19 +191,24 @@ def test_gpu_every_config_matches_naive(kernel):
 @gpu
 @needs_cuda
 def test_gpu_cuda_graph_capture():
-    """Index building has no host sync: the decode and grouped paths capture into a CUDA graph."""
+    """Index building and the dispatch have no host sync: the decode and grouped paths, and the op
+    (whose measured dispatch decides in the warm-up call), capture into a CUDA graph and replay
+    with new gates."""
     torch.manual_seed(0)
     d, N, B = 256, 512, 32
     w = [torch.randn(N, d, device="cuda", dtype=torch.bfloat16) / 16 for _ in range(3)]
     for T in (1, 64):
         x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
         gates = torch.rand(T, N // B, device="cuda")
-        f = lambda: tri.sparse_ffn_triton(x, gates, w[0], w[1], w[2], None, None, None, "silu", B, "hard", TAU)  # noqa: E731
-        expected = f()  # warm-up (autotune) outside capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = f()
-        gates.copy_(torch.rand_like(gates))
-        graph.replay()
-        torch.testing.assert_close(out, f(), atol=2e-2, rtol=2e-2)  # bf16 + atomic order
-        assert expected.shape == out.shape
+        direct = lambda: tri.sparse_ffn_triton(x, gates, w[0], w[1], w[2], None, None, None, "silu", B, "hard", TAU)  # noqa: E731
+        op = lambda: torch.ops.lte.sparse_ffn(x, gates, w[0], w[1], w[2], None, None, None, "silu", B, "hard", TAU)  # noqa: E731
+        for f in (direct, op):
+            with torch.no_grad():
+                expected = f()  # warm-up outside capture: Triton autotuning, the dispatch's timing
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = f()
+                gates.copy_(torch.rand_like(gates))
+                graph.replay()
+                torch.testing.assert_close(out, f(), atol=2e-2, rtol=2e-2)  # bf16 + atomic order
+            assert expected.shape == out.shape
