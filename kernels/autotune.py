@@ -218,10 +218,9 @@ class Tuner:
         return entry["kernel"]
 
     def measure(self, key: str, run: Callable[[str], Tensor],
-                names: tuple[str, ...] = CANDIDATES, safe: str = SAFE) -> tuple[str, Tensor]:
+                names: tuple[str, ...] = CANDIDATES) -> tuple[str, Tensor]:
         """Time `run(name)` for each name (interleaved, medians), record the winner, and return
-        (winner, its output) so the call being tuned is not computed once more. `safe` (dense)
-        wins unless another name is MARGIN faster."""
+        (winner, its output) so the call being tuned is not computed once more."""
         timer = self.timer
         outs: dict[str, Tensor] = {}
         cost = 0.0
@@ -238,8 +237,8 @@ class Tuner:
                 times[name].append(timer() - t0)
         med = {n: statistics.median(v) for n, v in times.items()}
         best = min(names, key=lambda n: med[n])
-        if best != safe and safe in med and med[best] > med[safe] * (1 - MARGIN):
-            best = safe  # within noise of dense: dense
+        if best != SAFE and SAFE in med and med[best] > med[SAFE] * (1 - MARGIN):
+            best = SAFE  # within noise of dense: dense
         entry = {"kernel": best, "ms": {n: round(m * 1e3, 4) for n, m in med.items()}, "reps": reps}
         if self.busy():
             entry["busy"] = True  # timed on an oversubscribed machine: this process only
@@ -284,33 +283,4 @@ def set_tuner(t: Tuner | None) -> Tuner | None:
 
 def decisions() -> dict[str, dict]:
     """The decisions this process used (bucket -> {"kernel", "ms", "reps"[, "busy"]}), for reports."""
-    return {k: t.entries[k] for t in (_tuner, _cuda_tuner) if t is not None for k in sorted(t.used)}
-
-
-# -- CUDA ---------------------------------------------------------------------------------------
-# On a GPU the candidates are the Triton kernel and the dense cuBLAS GEMMs with the mask
-# (`reference`). The bucket has no density: reading it would need a host sync in every call,
-# which CUDA graphs cannot capture; the first call of a bucket (a model's own masks) decides.
-# Decisions live in this process only (the Triton autotuner does not persist its choices either).
-CUDA_CANDIDATES = ("triton", "reference")
-CUDA_SAFE = "reference"
-_cuda_tuner: "Tuner | None" = None
-
-
-def _cuda_timer() -> float:
-    torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def cuda_bucket(dtype: torch.dtype, d: int, d_out: int, n: int, expert_size: int, glu: bool, T: int) -> str:
-    """The key of one CUDA call: the GPU, the shapes and T rounded up to a power of 2."""
-    return (f"cuda:{torch.cuda.get_device_name()}|{str(dtype).removeprefix('torch.')}|d={d}|dout={d_out}|N={n}"
-            f"|B={expert_size}|glu={int(glu)}|T={pow2_ceil(T)}")
-
-
-def cuda_tuner() -> Tuner:
-    """This process's tuner of CUDA decisions (timed with device syncs, kept in memory only)."""
-    global _cuda_tuner
-    if _cuda_tuner is None:
-        _cuda_tuner = Tuner(None, {}, timer=_cuda_timer, busy=lambda: False)
-    return _cuda_tuner
+    return {k: _tuner.entries[k] for k in sorted(_tuner.used)} if _tuner is not None else {}

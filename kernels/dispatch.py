@@ -8,10 +8,8 @@ lookup only (`_PROVIDERS`), so CPU-only use never imports triton.
 
     device  mode  dtype             kernel
     cuda    hard  fp32/fp16/bf16    Triton (sparse_ffn_triton: decode path T <= 8, grouped above)
-                                    or "reference" (cuBLAS for every expert, then the mask),
-                                    whichever was faster when both were timed on this GPU for
-                                    this shape bucket (autotune.cuda_tuner; no density in the
-                                    key: reading it would sync the host in every call)
+                                    at T = 1; "reference" (cuBLAS for every expert, then the
+                                    mask) above (`cuda_rule`: measured on an H200)
     cpu     hard  fp32/fp16/bf16    T <= 4: C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a
                                     compiler). Larger T: C++ or "dense" (cpu.dense_masked_ffn: dense
                                     MKL/oneDNN GEMMs, one fused act*up*mask pass), whichever was
@@ -139,7 +137,7 @@ def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run) -> tuple[str, Tensor
     if mode != "hard" or x.dtype not in _FAST_DTYPES or w_up.dtype != x.dtype:
         return "reference", None
     if x.is_cuda:
-        return _choose_cuda(x, w_up, gates, w_gate, w_down, run)
+        return cuda_rule(x.shape[0]), None
     if x.device.type != "cpu":
         return "reference", None
     T = x.shape[0]
@@ -161,28 +159,14 @@ def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run) -> tuple[str, Tensor
 
 
 def cuda_rule(T: int) -> str:
-    """The CUDA choice without measurements (autotuning off, or a first call inside a CUDA-graph
-    capture, where nothing can be timed): the Triton kernel for single tokens, where it reads a
-    subset of dense's bytes; otherwise every expert through cuBLAS, then the mask."""
-    return "triton" if T == 1 else autotune.CUDA_SAFE
-
-
-def _choose_cuda(x, w_up, gates, w_gate, w_down, run) -> tuple[str, Tensor | None]:
-    T = x.shape[0]
-    if gates is None or run is None or not autotune.enabled() or gates.shape[1] == 0:
-        return cuda_rule(T), None
-    n, d = w_up.shape
-    key = autotune.cuda_bucket(x.dtype, d, d if w_down is None else w_down.shape[1], n, n // gates.shape[1],
-                               w_gate is not None, T)
-    tuner = autotune.cuda_tuner()
-    hit = tuner.lookup(key)
-    if hit is not None:
-        return hit, None
-    if torch.cuda.is_current_stream_capturing():
-        return cuda_rule(T), None
-    for name in autotune.CUDA_CANDIDATES:  # first use: Triton's autotuner compiles and times its configs
-        run(name)
-    return tuner.measure(key, run, autotune.CUDA_CANDIDATES, safe=autotune.CUDA_SAFE)
+    """The CUDA choice: the Triton kernel for a single token, every expert through cuBLAS then the
+    mask (`reference`) otherwise. Measured on an H200 (benchmarks/RESULTS.md, GPU section) in GPU
+    time (CUDA graphs): at T = 1 the decode kernels beat cuBLAS from s = 0.5 on; from T = 4 on
+    the decode path, and the grouped path at every T, lose to cuBLAS at every s. Not timed per
+    machine as on the CPU: the density cannot be read without a host sync in every call (CUDA
+    graphs forbid it), and host-timed trials measure launch overhead, which graphs remove (tried:
+    they picked cuBLAS at T = 1, 20 % slower in graph replay)."""
+    return "triton" if T == 1 else "reference"
 
 
 def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,
