@@ -12,16 +12,22 @@ Two paths, chosen by token count (`DECODE_MAX_T`):
 
 * decode (T <= DECODE_MAX_T): no index is built at all. `_decode_up_kernel` runs one program per
   (expert, row block); a program whose expert no token uses skips its whole body, so its weight
-  rows are never read. `_decode_down_kernel` runs one program per d_out tile and loops over the
-  experts; loads of an unused expert's W_down^T rows are predicated off (no memory traffic), so
-  the loop pipelines without a branch. Products are broadcast-multiply + `tl.sum`, not `tl.dot`
-  (which needs >= 16 rows; ScatterMoE's single-token kernel does the same).
+  rows are never read (its programs also zero the fp32 y and flag tokens whose x is non-finite).
+  `_decode_down_kernel` runs one program per (group of GROUP_E experts, d_out tile): the group's
+  gates in one load, its experts' W_down^T loads unrolled and predicated off for unused experts
+  (no memory traffic), the sum `tl.atomic_add`ed into y; group 0 adds b_down and the NaN rows.
+  Products are broadcast-multiply + `tl.sum`, not `tl.dot` (which needs >= 16 rows; ScatterMoE's
+  single-token kernel does the same).
 * grouped (larger T, prefill): (token, expert) pairs are sorted by expert and each expert padded
   to BM rows (vLLM's moe_align_block_size), built with static-shape torch ops on the device (no
   `nonzero`, no host sync: CUDA graphs work). `_grouped_ffn_kernel` then runs one program per
   BM-row tile: gathers its tokens' x rows, `tl.dot` against the expert's B rows of W_up/W_gate,
   activation, GLU and gate scale, then `tl.dot` with the expert's W_down^T rows tile by tile and
-  `tl.atomic_add` into an fp32 y (a token sums over its experts).
+  `tl.atomic_add` into an fp32 y (a token sums over its experts). Measured on an H200
+  (benchmarks/RESULTS.md): with 32-neuron experts those atomics (every used pair adds a whole
+  d_out row) make it 7-14x slower than cuBLAS at T = 2048, so the dispatch sends batches to cuBLAS
+  (`dispatch.cuda_rule`); a grouped up GEMM with the down projection as one dense GEMM over the
+  masked h is the design to try next.
 
 All accumulation is fp32; fp32 dots use IEEE precision (no TF32) to match the reference. Block
 sizes are autotuned on CUDA (keyed by shape); in the interpreter fixed big blocks keep the
