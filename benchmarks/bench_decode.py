@@ -3,7 +3,13 @@ forced to sparsity s) against its dense twin under `torch.compile(backend="induc
 
     python benchmarks/bench_decode.py [--quick] [--layers 4] [--dtypes float32 bfloat16]
                                       [--batches 1 16] [--prefill 512] [--out table.md]
+    python benchmarks/bench_decode.py --device cuda --mode reduce-overhead --shape llama2-7b ...
     lte bench decode ...               (the CLI runs this script)
+
+`--device cuda` runs the models on the GPU (the Triton kernels); `--mode reduce-overhead` compiles
+every variant with CUDA graphs; `--shape llama2-7b` uses Llama-2-7B layers; `--check-eager` also
+decodes each variant eagerly and prints the share of equal greedy tokens; `--no-phi` skips the
+no-FFN twin. After warm-up the run checks that nothing recompiled while it was timing.
 
 Model: transformers' LlamaForCausalLM with TinyLlama-1.1B proportions (hidden 2048, intermediate
 5632, 32 heads / 4 kv heads, vocab 32000), `--layers` layers (default 4; TinyLlama has 22), random
