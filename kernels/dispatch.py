@@ -168,7 +168,7 @@ def cuda_rule(T: int) -> str:
     the decode path, and the grouped path at every T, lose to cuBLAS at every s. Not timed per
     machine as on the CPU: the density cannot be read without a host sync in every call (CUDA
     graphs forbid it), and host-timed trials measure launch overhead, which graphs remove (tried:
-    they picked cuBLAS at T = 1, 20 % slower in graph replay)."""
+    they picked cuBLAS at T = 1, 0.096 ms in graph replay against the kernels' 0.075 at s = 0.5)."""
     return "triton" if T == 1 else "reference"
 
 
