@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lte_compile.kernels import dispatch
 from lte_compile.kernels.reference import sparse_ffn_reference
 
 SHAPES = {"llama2-7b": (4096, 11008), "small": (1024, 2816)}
@@ -96,6 +97,7 @@ class Row:
     sparse_bytes: dict | None = None  # s -> weight bytes the sparse op reads (experts any token uses)
     kernels: dict | None = None  # s -> kernel dispatch chose
     masked_ms: float | None = None  # every expert through the dense GEMMs, then the mask (CUDA)
+    triton_ms: dict | None = None  # s -> ms of the Triton kernel forced (CUDA, where dispatch picks another)
 
     def speedup(self, s: float) -> float:
         return self.dense_ms / self.sparse[s][0]
@@ -134,6 +136,9 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
     if dev.type == "cuda":  # the dispatch's alternative there: every expert through cuBLAS, then the mask
         variants["masked"] = lambda l: sparse_ffn_reference(x, gates[sparsities[-1]], *weights[l][:2],
                                                             weights[l][2], None, None, None, "silu", B, "hard", TAU)
+        if dispatch.cuda_rule(T) != "triton":  # the Triton kernel anyway, to see whether the rule still holds
+            for s in sparsities:
+                variants[("triton", s)] = (lambda g: lambda l: _forced("triton", sparse, l, g))(gates[s])
     times = _time_cuda(variants, layers, reps) if dev.type == "cuda" else _time_host(variants, layers, reps, T, dev)
 
     def q(v):
@@ -145,7 +150,9 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
     return Row(shape, str(dtype).replace("torch.", ""), T, q(times["dense"])[0], q(times["router"])[0],
                q(times["index"])[0], {s: q(times[s]) for s in sparsities},
                dense_bytes=E * block, sparse_bytes={s: used[s] * block for s in sparsities},
-               masked_ms=q(times["masked"])[0] if "masked" in times else None)
+               masked_ms=q(times["masked"])[0] if "masked" in times else None,
+               triton_ms={s: q(times[("triton", s)])[0] for s in sparsities} if ("triton", sparsities[0]) in times
+               else None)
 
 
 def _time_host(variants: dict, layers: int, reps: int, T: int, dev: torch.device) -> dict:
@@ -194,6 +201,17 @@ def _time_cuda(variants: dict, layers: int, reps: int) -> dict:
     return times
 
 
+def _forced(name: str, fn, *args):
+    """fn(*args) with the dispatch forced to kernel `name` (lte_compile.kernels.dispatch.set_kernel)."""
+    with dispatch.set_kernel(name):
+        return fn(*args)
+
+
+def _fmt_forced(row: "Row") -> str:
+    return ", ".join(f"s={s}: {ms:.3f} (x{row.dense_ms / ms:.2f})" for s, ms in row.triton_ms.items()) \
+        if row.triton_ms else ""
+
+
 def _reps(T: int, quick: bool) -> int:
     if T >= 2048:
         return 3
@@ -204,7 +222,6 @@ def _reps(T: int, quick: bool) -> int:
 
 def run(args) -> list[Row]:
     import lte_compile.kernels  # noqa: F401  registers torch.ops.lte
-    from lte_compile.kernels import dispatch
 
     dev = torch.device(args.device)
     rows = []
@@ -229,7 +246,8 @@ def run(args) -> list[Row]:
                                   f" ({row.speedup(s) * (1 - s):.2f} of ideal, {kernels[s]})" for s in args.sparsity)
                       + f"  router {100 * row.router_ms / row.dense_ms:.1f}%"
                       + f" index {100 * row.index_ms / row.dense_ms:.1f}%"
-                      + (f"  dense+mask {row.masked_ms:.3f} ms" if row.masked_ms is not None else ""), flush=True)
+                      + (f"  dense+mask {row.masked_ms:.3f} ms" if row.masked_ms is not None else "")
+                      + (f"  triton forced: {_fmt_forced(row)}" if row.triton_ms else ""), flush=True)
             del weights
     return rows
 
@@ -260,8 +278,8 @@ def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
            " both as % of dense. GB/s = weight bytes read (dense: all; sparse: every expert some token uses) / median time.",
            ""]
     head = "| shape | dtype | T | dense ms (GB/s) | " + " | ".join(f"s={s}: ms (GB/s; speedup, of ideal)" for s in sp) \
-        + " | router % | index % |" + (" dense+mask ms |" if rows and rows[0].masked_ms is not None else "")
-    out += [head, "|" + "---|" * (6 + len(sp) + (rows and rows[0].masked_ms is not None))]
+        + " | router % | index % |" + (" dense+mask ms | Triton forced ms |" if rows and rows[0].masked_ms is not None else "")
+    out += [head, "|" + "---|" * (6 + len(sp) + 2 * (rows and rows[0].masked_ms is not None))]
     for r in rows:
         cells = [f"{r.sparse[s][0]:.3f} [{r.sparse[s][1]:.3f}, {r.sparse[s][2]:.3f}] ({r.sparse_gbs(s):.1f} GB/s; "
                  f"x{r.speedup(s):.2f}, {r.speedup(s) * (1 - s):.2f}"
@@ -269,7 +287,7 @@ def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
                  for s in sp]
         out.append(f"| {r.shape} | {r.dtype} | {r.T} | {r.dense_ms:.3f} ({r.dense_gbs():.1f}) | " + " | ".join(cells)
                    + f" | {100 * r.router_ms / r.dense_ms:.1f} | {100 * r.index_ms / r.dense_ms:.1f} |"
-                   + (f" {r.masked_ms:.3f} |" if r.masked_ms is not None else ""))
+                   + (f" {r.masked_ms:.3f} | {_fmt_forced(r) or '—'} |" if r.masked_ms is not None else ""))
     return "\n".join(out) + "\n"
 
 

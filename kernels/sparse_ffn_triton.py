@@ -20,14 +20,13 @@ Two paths, chosen by token count (`DECODE_MAX_T`):
   single-token kernel does the same).
 * grouped (larger T, prefill): (token, expert) pairs are sorted by expert and each expert padded
   to BM rows (vLLM's moe_align_block_size), built with static-shape torch ops on the device (no
-  `nonzero`, no host sync: CUDA graphs work). `_grouped_ffn_kernel` then runs one program per
-  BM-row tile: gathers its tokens' x rows, `tl.dot` against the expert's B rows of W_up/W_gate,
-  activation, GLU and gate scale, then `tl.dot` with the expert's W_down^T rows tile by tile and
-  `tl.atomic_add` into an fp32 y (a token sums over its experts). Measured on an H200
-  (benchmarks/RESULTS.md): with 32-neuron experts those atomics (every used pair adds a whole
-  d_out row) make it 7-14x slower than cuBLAS at T = 2048, so the dispatch sends batches to cuBLAS
-  (`dispatch.cuda_rule`); a grouped up GEMM with the down projection as one dense GEMM over the
-  masked h is the design to try next.
+  `nonzero`, no host sync: CUDA graphs work). `_grouped_up_kernel` runs one program per BM-row
+  tile: gathers its tokens' x rows, `tl.dot` against the expert's B rows of W_up/W_gate,
+  activation, GLU and gate scale, stored into a zeroed [T, N] h; the down projection is then one
+  dense GEMM, h @ W_down^T. The up projections (2/3 of the FLOPs) skip unused pairs. The design
+  before (each tile's rank-B down product `tl.atomic_add`ed into y: a whole d_out row of atomics
+  per used pair) measured 7-14x slower than cuBLAS at T = 2048 on an H200 (benchmarks/RESULTS.md);
+  this one is not measured on a GPU yet, and `dispatch.cuda_rule` sends batches to cuBLAS + mask.
 
 All accumulation is fp32; fp32 dots use IEEE precision (no TF32) to match the reference. Block
 sizes are autotuned on CUDA (keyed by shape); in the interpreter fixed big blocks keep the
@@ -223,21 +222,21 @@ def _decode_down_kernel(
 # grouped: tokens sorted by expert, one program per BM-row tile of one expert
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _grouped_ffn_kernel(
-    # pointers
-    x_ptr, tok_ptr, scale_ptr, tile_expert_ptr, wu_ptr, wg_ptr, wd_ptr, bu_ptr, bg_ptr, y_ptr,
+def _grouped_up_kernel(
+    # pointers (h: [T, N] in x's dtype, zero where a pair is unused)
+    x_ptr, tok_ptr, scale_ptr, tile_expert_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
     # dimensions (T_BUCKET: next power of 2 >= T, only an autotune key)
-    E, d, d_out, T_BUCKET,
+    E, d, T_BUCKET,
     # strides
-    stride_xt, stride_xd, stride_wun, stride_wud, stride_wgn, stride_wgd, stride_wdn, stride_wdd,
-    stride_yt, stride_yd,
+    stride_xt, stride_xd, stride_wun, stride_wud, stride_wgn, stride_wgd, stride_ht, stride_hn,
     # meta-parameters
     EXPERT_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
     HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """y[tok[m]] += (act(x[tok] W_gate[e]^T) * (x[tok] W_up[e]^T) * scale) @ W_down^T[e] for a tile."""
+    """h[tok[m], e's rows] = act(x[tok] W_gate[e]^T + b_gate) * (x[tok] W_up[e]^T + b_up) * scale
+    for one BM-row tile of expert e's tokens (the down projection is one dense GEMM over h)."""
     pid = tl.program_id(0)
     e = tl.load(tile_expert_ptr + pid)
     if e < E:  # tiles past the last expert's padding do nothing
@@ -270,21 +269,9 @@ def _grouped_ffn_kernel(
                     wg = wg.to(tl.float32)
                 acc_g += tl.dot(xk, tl.trans(wg), input_precision=DOT_PRECISION)
         h = _hidden(acc_u, acc_g, bu_ptr, bg_ptr, rows, b_mask, ACT, GLU, HAS_BU, HAS_BG)
-        h = tl.where(b_mask[None, :], h * scale[:, None], 0.0)  # [BLOCK_M, BLOCK_E]
-        if UPCAST_DOT:
-            hd = h
-        else:
-            hd = h.to(wd_ptr.dtype.element_ty)  # tensor-core operand (fp32 stays fp32)
-        for n0 in range(0, d_out, BLOCK_D):
-            offs_d = n0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < d_out
-            wd = tl.load(wd_ptr + rows[:, None] * stride_wdn + offs_d[None, :] * stride_wdd,
-                         mask=b_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_D]
-            if UPCAST_DOT:
-                wd = wd.to(tl.float32)
-            out = tl.dot(hd, wd, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
-            tl.atomic_add(y_ptr + tok[:, None] * stride_yt + offs_d[None, :] * stride_yd, out,
-                          mask=valid[:, None] & d_mask[None, :])
+        h = h * scale[:, None]
+        tl.store(h_ptr + tok[:, None] * stride_ht + rows[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty),
+                 mask=valid[:, None] & b_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,16 +289,16 @@ def _cuda_decode_down_configs() -> list[triton.Config]:
 
 
 def _cuda_grouped_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=3)
-            for bk in (64, 128) for bd in (64, 128) for w in (4, 8)]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bk in (64, 128) for w in (4, 8) for st in (3, 4)]
 
 
 CUDA_CONFIGS = {"up": _cuda_decode_up_configs, "down": _cuda_decode_down_configs, "grouped": _cuda_grouped_configs}
 # The config each kernel runs with when autotuning is off (LTE_TRITON_AUTOTUNE=0: property tests
 # over hundreds of shapes, each a new autotune key): a middle one of each list.
 _UNTUNED = {"up": dict(BLOCK_B=8, BLOCK_K=256, num_warps=4), "down": dict(BLOCK_D=128, GROUP_E=4, num_warps=4),
-            "grouped": dict(BLOCK_K=64, BLOCK_D=128, num_warps=4, num_stages=3)}
-_KEYS = {"up": ["T", "d", "EXPERT_SIZE"], "down": ["T", "E", "d_out"], "grouped": ["E", "d", "d_out", "T_BUCKET"]}
+            "grouped": dict(BLOCK_K=64, num_warps=4, num_stages=3)}
+_KEYS = {"up": ["T", "d", "EXPERT_SIZE"], "down": ["T", "E", "d_out"], "grouped": ["E", "d", "T_BUCKET"]}
 _forced_configs: dict[str, triton.Config] = {}
 
 
@@ -340,8 +327,8 @@ def forced_config(kernel_name: str, config: triton.Config):
 def _tuned(kernel_name: str):
     """The autotuned wrapper of a kernel (built lazily: autotuning is for CUDA only). Zeroing the
     atomically accumulated outputs before each timed config keeps the tuning runs' sums exact."""
-    kernel = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_ffn_kernel}[kernel_name]
-    reset = [] if kernel_name == "up" else ["y_ptr"]
+    kernel = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_up_kernel}[kernel_name]
+    reset = ["y_ptr"] if kernel_name == "down" else []
     return triton.autotune(CUDA_CONFIGS[kernel_name](), key=_KEYS[kernel_name], reset_to_zero=reset)(kernel)
 
 
@@ -355,7 +342,7 @@ def _launch_cuda(kernel_name: str, grid, args, meta) -> None:
     else:
         _tuned(kernel_name)[grid](*args, **meta)
         return
-    kernel = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_ffn_kernel}[kernel_name]
+    kernel = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_up_kernel}[kernel_name]
     kernel[grid](*args, **meta, **kw)
 
 
@@ -468,37 +455,39 @@ def grouped_block_m(T: int, interp: bool = False) -> int:
 
 
 def _launch_grouped(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_code, B, mode, tau, *, interp):
-    """Batches: (token, expert) pairs sorted by expert into BLOCK_M tiles, one `tl.dot` GEMM tile
-    per program (gathering x rows, scattering into y), as MoE kernels do."""
+    """Batches: (token, expert) pairs sorted by expert into BLOCK_M tiles; one `tl.dot` GEMM tile
+    per program computes the expert's h for its tokens (gathering x rows, as MoE kernels do) into
+    a zeroed [T, N] h; then y = h @ W_down^T, one dense GEMM. The up projections (2/3 of the FLOPs)
+    skip unused pairs; the down third stays dense: with 32-neuron experts, summing each pair's
+    rank-32 product into y costs a whole d_out row of atomic adds per pair (the design before
+    this one: 7-14x slower than cuBLAS at T = 2048 on an H200, benchmarks/RESULTS.md)."""
     from .reference import expert_scale
 
     T, d = x.shape
     E = gates.shape[1]
-    N, d_out = w_down.shape
+    N = w_up.shape[0]
     glu = w_gate is not None
     wg = w_gate if glu else w_up  # placeholder pointer when there is no gate (never loaded)
     dummy = w_up  # stands in for absent biases (never loaded: HAS_* flags are False)
     block_m = grouped_block_m(T, interp)
     scale = expert_scale(gates, mode, tau, torch.float32)  # [T, E]
     tok, pair_scale, tile_expert = group_by_expert(scale, block_m)
-    y32 = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
-    args = (x, tok, pair_scale, tile_expert, w_up, wg, w_down,
-            b_up if b_up is not None else dummy, b_gate if b_gate is not None else dummy, y32,
-            E, d, d_out, triton.next_power_of_2(T), x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1),
-            wg.stride(0), wg.stride(1), w_down.stride(0), w_down.stride(1), y32.stride(0), y32.stride(1))
+    h = torch.zeros(T, N, dtype=x.dtype, device=x.device)  # rounded to x's dtype, as the eager FFN's h
+    args = (x, tok, pair_scale, tile_expert, w_up, wg, b_up if b_up is not None else dummy,
+            b_gate if b_gate is not None else dummy, h, E, d, triton.next_power_of_2(T),
+            x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1), wg.stride(0), wg.stride(1),
+            h.stride(0), h.stride(1))
     meta = dict(EXPERT_SIZE=B, BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(B)), ACT=act_code,
                 GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
                 UPCAST_DOT=interp and x.dtype == torch.bfloat16,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     grid = (tile_expert.shape[0],)
     if interp or not x.is_cuda:
-        _grouped_ffn_kernel[grid](*args, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"],
-                                  BLOCK_D=_INTERP_BLOCKS["BLOCK_D"], **meta)
+        _grouped_up_kernel[grid](*args, BLOCK_K=_INTERP_BLOCKS["BLOCK_K"], **meta)
     else:
         _launch_cuda("grouped", grid, args, meta)
-    if b_down is not None:
-        y32 += b_down.float()
-    return nan_rows_like_eager(x, y32 if x.dtype == torch.float32 else y32.to(x.dtype))
+    y = torch.mm(h, w_down) if b_down is None else torch.addmm(b_down, h, w_down)
+    return nan_rows_like_eager(x, y)
 
 
 if __name__ == "__main__":  # check against the reference and time against cuBLAS (CUDA only)
