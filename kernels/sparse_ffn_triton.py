@@ -162,7 +162,7 @@ def _decode_up_kernel(
                 acc_g += tl.sum(xk[:, None, :] * wg[None, :, :], axis=2)
         h = _hidden(acc_u, acc_g, bu_ptr, bg_ptr, rows, b_mask, ACT, GLU, HAS_BU, HAS_BG)
         h = h * scale[:, None]
-        tl.store(h_ptr + offs_t[:, None] * stride_ht + rows[None, :] * stride_hn, h,
+        tl.store(h_ptr + offs_t[:, None] * stride_ht + rows[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty),
                  mask=t_mask[:, None] & b_mask[None, :])
 
 
@@ -207,7 +207,7 @@ def _decode_down_kernel(
             w = tl.load(wd_ptr + rows[:, None] * stride_wdn + offs_d[None, :] * stride_wdd,
                         mask=(b_mask[:, None] & d_mask[None, :]) & any_j, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + offs_t[:, None] * stride_ht + rows[None, :] * stride_hn,
-                        mask=used_j[:, None] & b_mask[None, :], other=0.0)  # [BLOCK_T, BLOCK_E]
+                        mask=used_j[:, None] & b_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_E]
             acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)
         if pid_e == 0:
             if HAS_BD:
@@ -414,7 +414,9 @@ def _launch_decode(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_cod
     wg = w_gate if glu else w_up  # placeholder pointer when there is no gate (never loaded)
     dummy = w_up  # stands in for absent biases (never loaded: HAS_* flags are False)
     block_t = max(2, triton.next_power_of_2(T))
-    h = torch.empty(T, N, dtype=torch.float32, device=x.device)  # only used pairs written
+    # h in x's dtype, as the eager FFN (and Inductor's dense one) rounds it before the down GEMM;
+    # only used pairs are written.
+    h = torch.empty(T, N, dtype=x.dtype, device=x.device)
     y32 = torch.empty(T, d_out, dtype=torch.float32, device=x.device)  # zeroed by the up kernel
     bad = torch.empty(block_t, dtype=torch.int32, device=x.device)  # written by the up kernel
 
