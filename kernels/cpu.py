@@ -35,6 +35,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+import torch.utils.weak
 from torch import Tensor
 
 from .dispatch import register_kernel
@@ -181,8 +182,31 @@ def dense_masked_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | No
     if ext is None:
         return sparse_ffn_reference(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
                                     expert_size, mode, tau)
-    return ext.dense_masked_ffn(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
+    return ext.dense_masked_ffn(x, gates, w_up, w_gate, _down_for_gemm(w_down), b_up, b_gate, b_down, act,
                                 expert_size, mode, float(tau))
+
+
+# 16-bit W_down^T [N, d_out] row-major (the kernels' layout) -> a [d_out, N] row-major copy, per
+# weight (keyed by the tensor the view comes from; rebuilt when its version counter moves).
+_DOWN_NT: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+ENV_NT_COPY = "LTE_DENSE_NT_COPY"
+
+
+def _down_for_gemm(w_down: Tensor) -> Tensor:
+    """W_down^T for the dense fallback's down GEMM: in bf16/fp16 (inference only), a view of a
+    transposed copy, so oneDNN runs h @ W_down^T as an NT GEMM, Inductor's own layout (NN on the
+    kernels' layout is 1.4x slower at T = 16, benchmarks/RESULTS.md). Costs a third of the FFN's
+    weight bytes, for the layers whose calls take this path; LTE_DENSE_NT_COPY=0 turns it off."""
+    if (w_down.dtype not in (torch.bfloat16, torch.float16) or torch.is_grad_enabled()
+            or w_down.stride(1) != 1 or os.environ.get(ENV_NT_COPY, "1") == "0"):
+        return w_down
+    owner = w_down if w_down._base is None else w_down._base
+    hit = _DOWN_NT.get(owner)
+    key = (w_down._version, w_down.data_ptr(), tuple(w_down.shape))
+    if hit is None or hit[0] != key:
+        hit = (key, w_down.t().contiguous())
+        _DOWN_NT[owner] = hit
+    return hit[1].t()
 
 
 @register_kernel("torch")

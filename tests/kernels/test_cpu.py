@@ -82,11 +82,42 @@ def test_routed_op_matches_float64_router_and_naive(case, router):
 @given(case=sparse_ffn_cases(dtypes=DTYPES))
 def test_dense_path_matches_naive(case):
     """The dense-then-mask path (dispatch "dense": GEMMs + the fused C++ act*up*mask pass):
-    empty, full and ragged masks, both modes, every activation, with and without biases."""
+    empty, full and ragged masks, both modes, every activation, with and without biases; with
+    grad enabled and without (16-bit inference: the transposed copy of W_down)."""
     assert_matches_naive(cpu.dense_masked_ffn(*case.args()), case, "dense-then-mask path")
+    with torch.no_grad():
+        assert_matches_naive(cpu.dense_masked_ffn(*case.args()), case, "dense-then-mask path, no grad")
 
 
 @needs_ext
+def test_dense_fallback_transposed_down_copy(monkeypatch):
+    """bf16 inference: the dense fallback multiplies by a [d_out, N] copy of W_down^T (an NT GEMM),
+    made once per weight, reused by every view of it, rebuilt after an in-place update; never in
+    fp32, with grad enabled or with LTE_DENSE_NT_COPY=0. The results equal the plain path's."""
+    monkeypatch.delenv(cpu.ENV_NT_COPY, raising=False)
+    g = torch.Generator().manual_seed(0)
+    param = torch.randn(24, 64, generator=g).to(torch.bfloat16)  # nn.Linear [d_out, N]
+    param = param.t().contiguous().t()  # kernel layout: param.t() is [N, d_out] row-major
+    with torch.no_grad():
+        a = cpu._down_for_gemm(param.t())
+        assert a.shape == (64, 24) and a.stride() == (1, 64) and torch.equal(a, param.t())
+        assert cpu._down_for_gemm(param.t()).data_ptr() == a.data_ptr(), "a fresh view reuses the copy"
+        param.mul_(2)
+        b = cpu._down_for_gemm(param.t())
+        assert torch.equal(b, param.t()), "an in-place update rebuilds the copy"
+        assert cpu._down_for_gemm(param.t().float()).stride() == (24, 1), "fp32: no copy"
+        monkeypatch.setenv(cpu.ENV_NT_COPY, "0")
+        assert cpu._down_for_gemm(param.t()).data_ptr() == param.data_ptr()
+        monkeypatch.delenv(cpu.ENV_NT_COPY)
+        x, gates = torch.randn(5, 16, generator=g).to(torch.bfloat16), torch.rand(5, 8, generator=g)
+        w_up = torch.randn(64, 16, generator=g).to(torch.bfloat16)
+        args = (x, gates, w_up, w_up, param.t(), None, None, None, "silu", 8, "hard", TAU)
+        with_copy = cpu.dense_masked_ffn(*args)
+        monkeypatch.setenv(cpu.ENV_NT_COPY, "0")
+        torch.testing.assert_close(with_copy, cpu.dense_masked_ffn(*args), atol=2e-2, rtol=2e-2)
+    assert cpu._down_for_gemm(param.t()).data_ptr() == param.data_ptr(), "grad enabled: no copy"
+
+
 def test_dense_path_keeps_nan_of_off_experts():
     """Like the reference (h * 0 mask), an overflowing h of an OFF expert still makes y NaN:
     the mask is a multiply, never a skip, so non-finite values are not hidden."""
