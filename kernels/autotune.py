@@ -30,7 +30,7 @@ No timing (cheap rules, `rule`):
 
 Decisions are cached in memory and in a JSON file per machine and version:
     $LTE_CACHE_DIR or $XDG_CACHE_HOME/lte_compile or ~/.cache/lte_compile,
-    file dispatch-<isa>-<torch version>-<hash of csrc/sparse_ffn_cpu.cpp>.json
+    file dispatch-<isa>-<torch version>-<hash of csrc/sparse_ffn_cpu.cpp and cpu.py>.json
 so a new torch, another ISA or an edited kernel starts a new file; inside, the CPU's model name,
 the core count and whether the extension built are checked too (a home directory shared between
 machines of one ISA), and a mismatch discards the entries. A decision timed while the machine is
@@ -69,7 +69,8 @@ ENV_ENABLE = "LTE_AUTOTUNE"
 ENV_CACHE_DIR = "LTE_CACHE_DIR"
 FORMAT = 1
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_ffn_cpu.cpp"
+# The candidates' code: the C++ kernels and their Python wrappers (the dense fallback's weight copy).
+_SOURCES = (Path(__file__).resolve().parent / "csrc" / "sparse_ffn_cpu.cpp", Path(__file__).resolve().parent / "cpu.py")
 _enabled: bool | None = None  # None: the environment decides
 _tuner: "Tuner | None" = None
 
@@ -122,9 +123,10 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """First 12 hex digits of the C++ kernel source's sha256 ('nosource' if it is missing)."""
+    """First 12 hex digits of the sha256 of the candidates' sources, the C++ kernels and cpu.py
+    ('nosource' if one is missing)."""
     try:
-        return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+        return hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:12]
     except OSError:
         return "nosource"
 

@@ -187,7 +187,7 @@ def dense_masked_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | No
 
 
 # 16-bit W_down^T [N, d_out] row-major (the kernels' layout) -> a [d_out, N] row-major copy, per
-# weight (keyed by the tensor the view comes from; rebuilt when its version counter moves).
+# weight storage (rebuilt when the weight's version counter, pointer, shape or strides change).
 _DOWN_NT: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
 ENV_NT_COPY = "LTE_DENSE_NT_COPY"
 
@@ -200,9 +200,11 @@ def _down_for_gemm(w_down: Tensor) -> Tensor:
     if (w_down.dtype not in (torch.bfloat16, torch.float16) or torch.is_grad_enabled()
             or w_down.stride(1) != 1 or os.environ.get(ENV_NT_COPY, "1") == "0"):
         return w_down
-    owner = w_down if w_down._base is None else w_down._base
+    # Keyed by the storage: compiled graphs pass a new view object of the weight in every call,
+    # while torch keeps one Python object per live storage.
+    owner = w_down.untyped_storage()
     hit = _DOWN_NT.get(owner)
-    key = (w_down._version, w_down.data_ptr(), tuple(w_down.shape))
+    key = (w_down._version, w_down.data_ptr(), tuple(w_down.shape), tuple(w_down.stride()))
     if hit is None or hit[0] != key:
         hit = (key, w_down.t().contiguous())
         _DOWN_NT[owner] = hit
