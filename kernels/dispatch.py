@@ -7,9 +7,9 @@ with `register_kernel` when imported. A kernel has the signature of `sparse_ffn_
 lookup only (`_PROVIDERS`), so CPU-only use never imports triton.
 
     device  mode  dtype             kernel
-    cuda    hard  fp32/fp16/bf16    Triton (sparse_ffn_triton: decode path T <= 8, grouped above)
-                                    at T = 1; "reference" (cuBLAS for every expert, then the
-                                    mask) above (`cuda_rule`: measured on an H200)
+    cuda    hard  fp32/fp16/bf16    T = 1: Triton (sparse_ffn_triton's decode path); larger T:
+                                    "reference" (cuBLAS for every expert, then the mask), by
+                                    `cuda_rule`, measured on an H200
     cpu     hard  fp32/fp16/bf16    T <= 4: C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a
                                     compiler). Larger T: C++ or "dense" (cpu.dense_masked_ffn: dense
                                     MKL/oneDNN GEMMs, one fused act*up*mask pass), whichever was
@@ -165,7 +165,9 @@ def cuda_rule(T: int) -> str:
     """The CUDA choice: the Triton kernel for a single token, every expert through cuBLAS then the
     mask (`reference`) otherwise. Measured on an H200 (benchmarks/RESULTS.md, GPU section) in GPU
     time (CUDA graphs): at T = 1 the decode kernels beat cuBLAS from s = 0.5 on; from T = 4 on
-    the decode path, and the grouped path at every T, lose to cuBLAS at every s. Not timed per
+    the decode path, and the grouped path's first design at every T, lost to cuBLAS at every s
+    (its current design is not measured yet: benchmarks/bench_kernels.py's "Triton forced"
+    column will show whether batches should move to it). Not timed per
     machine as on the CPU: the density cannot be read without a host sync in every call (CUDA
     graphs forbid it), and host-timed trials measure launch overhead, which graphs remove (tried:
     they picked cuBLAS at T = 1, 0.096 ms in graph replay against the kernels' 0.075 at s = 0.5)."""
