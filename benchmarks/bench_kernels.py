@@ -138,7 +138,7 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
                                                             weights[l][2], None, None, None, "silu", B, "hard", TAU)
         if dispatch.cuda_rule(T) != "triton":  # the Triton kernel anyway, to see whether the rule still holds
             for s in sparsities:
-                variants[("triton", s)] = (lambda g: lambda l: _forced("triton", sparse, l, g))(gates[s])
+                variants[("triton", s)] = (lambda g: lambda l: _with_kernel("triton", sparse, l, g))(gates[s])
     times = _time_cuda(variants, layers, reps) if dev.type == "cuda" else _time_host(variants, layers, reps, T, dev)
 
     def q(v):
@@ -201,7 +201,7 @@ def _time_cuda(variants: dict, layers: int, reps: int) -> dict:
     return times
 
 
-def _forced(name: str, fn, *args):
+def _with_kernel(name: str, fn, *args):
     """fn(*args) with the dispatch forced to kernel `name` (lte_compile.kernels.dispatch.set_kernel)."""
     with dispatch.set_kernel(name):
         return fn(*args)

@@ -293,6 +293,7 @@ def _cuda_grouped_configs() -> list[triton.Config]:
             for bk in (64, 128) for w in (4, 8) for st in (3, 4)]
 
 
+_KERNEL_BY_NAME = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_up_kernel}
 CUDA_CONFIGS = {"up": _cuda_decode_up_configs, "down": _cuda_decode_down_configs, "grouped": _cuda_grouped_configs}
 # The config each kernel runs with when autotuning is off (LTE_TRITON_AUTOTUNE=0: property tests
 # over hundreds of shapes, each a new autotune key): a middle one of each list.
@@ -327,7 +328,7 @@ def forced_config(kernel_name: str, config: triton.Config):
 def _tuned(kernel_name: str):
     """The autotuned wrapper of a kernel (built lazily: autotuning is for CUDA only). Zeroing the
     atomically accumulated outputs before each timed config keeps the tuning runs' sums exact."""
-    kernel = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_up_kernel}[kernel_name]
+    kernel = _KERNEL_BY_NAME[kernel_name]
     reset = ["y_ptr"] if kernel_name == "down" else []
     return triton.autotune(CUDA_CONFIGS[kernel_name](), key=_KEYS[kernel_name], reset_to_zero=reset)(kernel)
 
@@ -342,7 +343,7 @@ def _launch_cuda(kernel_name: str, grid, args, meta) -> None:
     else:
         _tuned(kernel_name)[grid](*args, **meta)
         return
-    kernel = {"up": _decode_up_kernel, "down": _decode_down_kernel, "grouped": _grouped_up_kernel}[kernel_name]
+    kernel = _KERNEL_BY_NAME[kernel_name]
     kernel[grid](*args, **meta, **kw)
 
 
