@@ -251,7 +251,7 @@ def eager_token_check(fns, biases, sparsities, record, caches, batch, new_tokens
 
 def header(args, argv) -> list[str]:
     from lte_compile.kernels import autotune
-    from lte_compile.kernels.cpu import cpu_flags, cpu_name, isa
+    from lte_compile.kernels.cpu import cpu_flags, cpu_name, isa, isa_limits
 
     import transformers
     flags = cpu_flags()
@@ -261,7 +261,7 @@ def header(args, argv) -> list[str]:
         import triton
         gpu = [f"- GPU: {torch.cuda.get_device_name(args.device)}; CUDA {torch.version.cuda}, triton {triton.__version__}; "
                f"torch.compile mode {args.mode or 'default'}"]
-    return [*gpu, f"- CPU: {cpu_name()}; kernel ISA `{isa()[0]}`; vector flags: {vec}",
+    return [*gpu, f"- CPU: {cpu_name()}; kernel ISA `{isa()[0]}`; vector flags: {vec}{isa_limits()}",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, Python "
             f"{platform.python_version()}, {torch.get_num_threads()} threads, "
             f"load average at start {os.getloadavg()[0]:.1f}"

@@ -66,10 +66,10 @@ def device_name(dev: torch.device) -> str:
 
 def cpu_features() -> str:
     """The CPU kernel's build ISA and the CPU's vector features (x86 flags from /proc/cpuinfo)."""
-    from lte_compile.kernels.cpu import cpu_flags, isa
+    from lte_compile.kernels.cpu import cpu_flags, isa, isa_limits
     flags = cpu_flags()
     vec = [f for f in VECTOR_FLAGS if f in flags]
-    return f"kernel ISA {isa()[0]} ({' '.join(isa()[1])}); vector features: {' '.join(vec) or '-'}"
+    return f"kernel ISA {isa()[0]} ({' '.join(isa()[1])}); vector features: {' '.join(vec) or '-'}{isa_limits()}"
 
 
 def _sync(dev: torch.device) -> None:

@@ -72,11 +72,38 @@ def machine_summary() -> str:
     """'CPU: <name>; kernel ISA <tag>; vector flags: ...; N threads; torch <version>' (benchmark headers)."""
     vec = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
     return (f"CPU: {cpu_name()}; kernel ISA {isa()[0]}; vector flags: {vec}; {torch.get_num_threads()} "
-            f"threads; torch {torch.__version__}")
+            f"threads; torch {torch.__version__}{isa_limits()}")
+
+
+def isa_limits() -> str:
+    """'; ISA limited by K=V ...' for the ISA-lowering variables set in this process, else ''
+    (benchmark headers: the vector flags then say more than what ran)."""
+    limits = " ".join(f"{k}={os.environ[k]}" for k in (ENV_ISA, *TORCH_ISA_ENVS) if os.environ.get(k))
+    return f"; ISA limited by {limits}" if limits else ""
 
 
 _AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"})
 _AVX2 = frozenset({"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"})
+# x86-64 kernel ISAs, lowest first, with their compiler flags. GCC's AMD/Intel tunings prefer
+# 256-bit vectors; the kernel's vector types are 512-bit, and splitting them doubles the bf16
+# conversion work, hence -mprefer-vector-width=512.
+_X86_ISAS = {
+    "x86-64": ("-march=x86-64",),
+    "avx2": ("-march=x86-64-v3",),
+    "avx512": ("-march=x86-64-v4", "-mprefer-vector-width=512"),
+    "avx512bf16": ("-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512"),
+}
+ENV_ISA = "LTE_CPU_ISA"
+# What restricts torch's own kernels the same way (benchmark headers print them when set).
+TORCH_ISA_ENVS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def _detected_isa(flags: frozenset[str]) -> str:
+    if _AVX512 <= flags and "avx512_bf16" in flags:
+        return "avx512bf16"
+    if _AVX512 <= flags:
+        return "avx512"
+    return "avx2" if _AVX2 <= flags else "x86-64"
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,19 +114,25 @@ def isa() -> tuple[str, tuple[str, ...]]:
     and flags, not on the CPU) never hands a .so built for one ISA to a CPU of another: a build
     for AVX-512 loaded on an AVX2-only CPU is undefined behaviour. Explicit ISA levels instead of
     -march=native keep the flags, and so the cache key, a function of the ISA alone.
+
+    LTE_CPU_ISA=<tag> lowers it (x86-64 | avx2 | avx512 | avx512bf16, at most what the CPU has):
+    with ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS, an AVX-512 machine
+    runs and benchmarks what an AVX2-only CPU would (benchmarks/RESULTS.md).
     """
     if platform.machine() not in ("x86_64", "AMD64"):
         return "native", ("-march=native",)
-    flags = cpu_flags()
-    if _AVX512 <= flags and "avx512_bf16" in flags:
-        # GCC's AMD/Intel tunings prefer 256-bit vectors; the kernel's vector types are 512-bit,
-        # and splitting them doubles the bf16 conversion work.
-        return "avx512bf16", ("-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512")
-    if _AVX512 <= flags:
-        return "avx512", ("-march=x86-64-v4", "-mprefer-vector-width=512")
-    if _AVX2 <= flags:
-        return "avx2", ("-march=x86-64-v3",)
-    return "x86-64", ("-march=x86-64",)
+    tag = _detected_isa(cpu_flags())
+    wanted = os.environ.get(ENV_ISA, "").strip().lower()
+    if wanted:
+        order = list(_X86_ISAS)
+        if wanted not in _X86_ISAS:
+            raise ValueError(f"{ENV_ISA}={wanted!r} is not one of {'|'.join(order)}; unset it to use "
+                             f"what this CPU has ({tag})")
+        if order.index(wanted) > order.index(tag):
+            raise ValueError(f"{ENV_ISA}={wanted!r} asks for more than this CPU has ({tag}): a kernel "
+                             f"built for it would crash here; use {tag} or lower, or unset it")
+        tag = wanted
+    return tag, _X86_ISAS[tag]
 
 
 def _cflags() -> list[str]:

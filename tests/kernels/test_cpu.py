@@ -245,11 +245,50 @@ def test_build_is_keyed_by_the_cpus_isa(monkeypatch, flags, tag):
     ISA it was compiled for and its flags name that ISA, never -march=native."""
     monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.delenv(cpu.ENV_ISA, raising=False)
     cpu.isa.cache_clear()
     try:
         got, march = cpu.isa()
         assert got == tag
         assert "-march=native" not in march and all(f.startswith("-m") for f in march)
+    finally:
+        cpu.isa.cache_clear()
+
+
+_AVX512BF16_FLAGS = {"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "avx512f", "avx512bw", "avx512vl",
+                     "avx512dq", "avx512cd", "avx512_bf16"}
+
+
+@pytest.mark.parametrize("wanted,ok", [("avx2", True), ("AVX512", True), ("x86-64", True), ("avx512bf16", True),
+                                       ("sse9", False)])
+def test_isa_can_be_lowered_by_env(monkeypatch, wanted, ok):
+    """LTE_CPU_ISA lowers the kernel's ISA (an AVX-512 machine runs the AVX2 build: how the
+    AVX2-only CPU's figures are reproduced); an unknown name is refused, naming the choices."""
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(_AVX512BF16_FLAGS))
+    monkeypatch.setenv(cpu.ENV_ISA, wanted)
+    cpu.isa.cache_clear()
+    try:
+        if ok:
+            tag, march = cpu.isa()
+            assert tag == wanted.lower() and march == cpu._X86_ISAS[tag]
+            assert f"{cpu.ENV_ISA}={wanted}" in cpu.machine_summary()
+        else:
+            with pytest.raises(ValueError, match="x86-64|avx2|avx512|avx512bf16"):
+                cpu.isa()
+    finally:
+        cpu.isa.cache_clear()
+
+
+def test_isa_cannot_be_raised_by_env(monkeypatch):
+    """Asking for more than the CPU has would build a kernel that crashes on it: refused."""
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"}))
+    monkeypatch.setenv(cpu.ENV_ISA, "avx512")
+    cpu.isa.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="more than this CPU has"):
+            cpu.isa()
     finally:
         cpu.isa.cache_clear()
 
