@@ -154,7 +154,7 @@ def load_extension():
         return None
     try:
         from torch.utils.cpp_extension import load
-        return load(name=f"{_EXT_NAME}_{isa()[0]}", sources=[_SOURCE], extra_cflags=_cflags(),
+        return load(name=f"{_EXT_NAME}_{isa()[0].replace('-', '_')}", sources=[_SOURCE], extra_cflags=_cflags(),
                     verbose=False)
     except Exception as e:  # a broken toolchain must not break the op: fall back, loudly
         warnings.warn(f"lte_compile: building the CPU sparse FFN kernel failed ({type(e).__name__}: "
