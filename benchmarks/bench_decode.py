@@ -219,6 +219,7 @@ def decode(model, fn, cache, batch: int, new_tokens: int, prompt,
                 toks.append(tok)
         sync(dev)
         elapsed = time.perf_counter() - start
+    require_finite(out.logits, "decode")
     return elapsed, torch.cat(toks, 1)[0].tolist()
 
 
@@ -226,9 +227,20 @@ def prefill(fn, ids) -> float:
     with torch.no_grad():
         sync(ids.device)
         start = time.perf_counter()
-        fn(input_ids=ids, use_cache=False, logits_to_keep=1)
+        out = fn(input_ids=ids, use_cache=False, logits_to_keep=1)
         sync(ids.device)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+    require_finite(out.logits, "prefill")
+    return elapsed
+
+
+def require_finite(logits, what: str) -> None:
+    """Timing a model that computes NaN says nothing (a NaN row switches every expert off, so the
+    lte model even looks fast): stop. Seen with Inductor's AVX2 code (ATEN_CPU_CAPABILITY=avx2)
+    on torch 2.13.0+cpu, whose 8-layer fp32 prefill gives NaN logits for the dense model too."""
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"bench_decode: the compiled model's {what} logits are not finite; its timings "
+                           "would be meaningless (check the model, or the ISA-limiting variables in the header)")
 
 
 def compile_counts() -> str:
