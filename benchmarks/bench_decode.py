@@ -85,10 +85,20 @@ def build(args, dtype):
     import transformers
 
     cfg = transformers.LlamaConfig(**shape(args), num_hidden_layers=args.layers,
-                                   max_position_embeddings=max(2048, args.prefill + 64))
+                                   max_position_embeddings=max(2048, args.prefill + 64),
+                                   attn_implementation=attention(args))
     torch.manual_seed(args.seed)
     dense = transformers.LlamaForCausalLM(cfg).eval()
     return dense.to(args.device, dtype), cfg
+
+
+def attention(args) -> str:
+    """transformers' attention for both models: `--attn`, else "eager" on the CPU, "sdpa" on CUDA.
+    Why not SDPA on the CPU: Inductor's code around `_scaled_dot_product_flash_attention_for_cpu`
+    corrupts the heap on torch 2.13.0+cpu in this benchmark's fp32 decode (8 layers at batch 16,
+    or batch 1 with zero FFNs; glibc aborts; the dense model alone, without lte_compile, and
+    never with eager attention), so SDPA timings could come from a corrupted process."""
+    return getattr(args, "attn", None) or ("sdpa" if torch.device(args.device).type == "cuda" else "eager")
 
 
 def weight_bytes(cfg, dtype) -> tuple[float, float]:
@@ -104,15 +114,10 @@ def weight_bytes(cfg, dtype) -> tuple[float, float]:
 
 class SkipFFN(torch.nn.Module):
     """An FFN that costs nothing (returns zeros): the dense twin with it in every layer is the
-    fastest any FFN sparsity could make the model, which measures the FFN's share of step time.
-
-    Zeros as `x * 0` (fused into the residual add), not `torch.zeros_like(x)`: with zeros_like,
-    Inductor's code for the fp32 8-layer TinyLlama-shaped decode step corrupts the heap on torch
-    2.13.0+cpu (glibc aborts: "malloc(): unaligned tcache chunk detected"; reproduced with
-    transformers and torch alone, without lte_compile; 4 or 6 layers, or `x * 0`, run clean)."""
+    fastest any FFN sparsity could make the model, which measures the FFN's share of step time."""
 
     def forward(self, x):
-        return x * 0
+        return torch.zeros_like(x)
 
 
 def without_ffns(dense):
@@ -280,7 +285,7 @@ def header(args, argv) -> list[str]:
                f"torch.compile mode {args.mode or 'default'}"]
     return [*gpu, f"- CPU: {cpu_name()}; kernel ISA `{isa()[0]}`; vector flags: {vec}{isa_limits()}",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, Python "
-            f"{platform.python_version()}, {torch.get_num_threads()} threads, "
+            f"{platform.python_version()}, {torch.get_num_threads()} threads, {attention(args)} attention, "
             f"load average at start {os.getloadavg()[0]:.1f}"
             + (" (**busy machine: other processes share the cores; timings are noisy**)"
                if os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1) else ""),
@@ -541,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=float, default=None, metavar="S",
                    help="also profile one batch-1 decode step per op (torch.profiler), dense and lte at sparsity S "
                    "(in the first of --dtypes)")
+    p.add_argument("--attn", default=None, choices=["eager", "sdpa"],
+                   help="transformers' attention implementation (default: eager on the CPU, sdpa on CUDA)")
     p.add_argument("--out", default=None, help="write the markdown table to this file")
     args = p.parse_args(argv)
     args.layers = args.layers or (2 if args.quick else 4)
