@@ -115,9 +115,11 @@ def isa() -> tuple[str, tuple[str, ...]]:
     for AVX-512 loaded on an AVX2-only CPU is undefined behaviour. Explicit ISA levels instead of
     -march=native keep the flags, and so the cache key, a function of the ISA alone.
 
-    LTE_CPU_ISA=<tag> lowers it (x86-64 | avx2 | avx512 | avx512bf16, at most what the CPU has):
-    with ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS, an AVX-512 machine
-    runs and benchmarks what an AVX2-only CPU would (benchmarks/RESULTS.md).
+    LTE_CPU_ISA=<tag> lowers it (x86-64 | avx2 | avx512 | avx512bf16, at most what the CPU has;
+    x86 only): an AVX-512 machine builds and tests the AVX2 kernel
+    (tests/kernels/test_cpu_lower_isa.py), and with ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS
+    benchmarks it against AVX2 GEMMs (ATEN_CPU_CAPABILITY=avx2 also limits Inductor's code, whose
+    8-layer fp32 prefill then gave NaN on torch 2.13: benchmarks/RESULTS.md, session 9).
     """
     if platform.machine() not in ("x86_64", "AMD64"):
         return "native", ("-march=native",)
@@ -152,9 +154,10 @@ def load_extension():
                       "uses the slower pure-torch path. Install g++ to get the fast kernel.",
                       RuntimeWarning, stacklevel=2)
         return None
+    tag = isa()[0]  # outside the try: a bad LTE_CPU_ISA is the user's error to see, not a fallback
     try:
         from torch.utils.cpp_extension import load
-        return load(name=f"{_EXT_NAME}_{isa()[0].replace('-', '_')}", sources=[_SOURCE], extra_cflags=_cflags(),
+        return load(name=f"{_EXT_NAME}_{tag.replace('-', '_')}", sources=[_SOURCE], extra_cflags=_cflags(),
                     verbose=False)
     except Exception as e:  # a broken toolchain must not break the op: fall back, loudly
         warnings.warn(f"lte_compile: building the CPU sparse FFN kernel failed ({type(e).__name__}: "

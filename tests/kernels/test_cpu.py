@@ -280,6 +280,21 @@ def test_isa_can_be_lowered_by_env(monkeypatch, wanted, ok):
         cpu.isa.cache_clear()
 
 
+def test_bad_isa_env_is_an_error_not_a_silent_fallback(monkeypatch):
+    """load_extension turns build failures into a warning and the slow path; a wrong LTE_CPU_ISA
+    must instead reach the user as the ValueError naming the choices."""
+    monkeypatch.setenv(cpu.ENV_ISA, "sse9")
+    cpu.isa.cache_clear()
+    cpu.load_extension.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=cpu.ENV_ISA):
+            cpu.load_extension()
+    finally:
+        monkeypatch.delenv(cpu.ENV_ISA)
+        cpu.isa.cache_clear()
+        cpu.load_extension.cache_clear()
+
+
 def test_isa_cannot_be_raised_by_env(monkeypatch):
     """Asking for more than the CPU has would build a kernel that crashes on it: refused."""
     monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
