@@ -8,8 +8,8 @@ forced to sparsity s) against its dense twin under `torch.compile(backend="induc
 
 `--device cuda` runs the models on the GPU (the Triton kernels); `--mode reduce-overhead` compiles
 every variant with CUDA graphs; `--shape llama2-7b` uses Llama-2-7B layers; `--check-eager` also
-decodes each variant eagerly and prints the share of equal greedy tokens; `--no-phi` skips the
-no-FFN twin. After warm-up the run checks that nothing recompiled while it was timing.
+decodes each variant eagerly and prints the share of equal greedy tokens and the first step's
+logits error; `--no-phi` skips the no-FFN twin. After warm-up the run checks that nothing recompiled while it was timing.
 
 Model: transformers' LlamaForCausalLM with TinyLlama-1.1B proportions (hidden 2048, intermediate
 5632, 32 heads / 4 kv heads, vocab 32000), `--layers` layers (default 4; TinyLlama has 22), random
@@ -207,12 +207,9 @@ def decode(model, fn, cache, batch: int, new_tokens: int, prompt,
            around_steps=contextlib.nullcontext) -> tuple[float, list[int]]:
     """Greedy decode of `new_tokens` after an eager prefill of `prompt`; (seconds of the steps, tokens).
     The steps (not the prefill) run inside `around_steps()` (e.g. a profiler)."""
-    cache.reset()
     dev = prompt.device
     with torch.no_grad():
-        out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1], device=dev),
-                    use_cache=True, logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
+        tok = prefill_prompt(model, cache, prompt)
         toks = [tok]
         positions = torch.arange(prompt.shape[1], prompt.shape[1] + new_tokens, device=dev)
         sync(dev)
@@ -257,18 +254,38 @@ def compile_counts() -> str:
 
 
 def eager_token_check(fns, biases, sparsities, record, caches, batch, new_tokens, prompt) -> str:
-    """Greedy tokens of each compiled variant (in `record`) against the same model run eagerly:
-    the share of positions that agree (random-weight models have near-tied logits, so a kernel's
-    rounding can flip a token; dense shows how much Inductor's own rounding does)."""
+    """Each compiled variant against the same model run eagerly: the share of greedy tokens (in
+    `record`) that agree, and the first step's logits error, max |compiled - eager| / max |eager|
+    (random-weight models have near-tied logits, so a kernel's rounding can flip a token and the
+    sequences part; the logits error is the measure that does not depend on ties; dense shows how
+    much Inductor's own rounding does)."""
     out = []
     for name, s in [("dense", None)] + [("lte", s) for s in sparsities]:
-        model, _ = fns[name]
+        model, fn = fns[name]
         if s is not None:
             set_biases(model, biases[s])
         toks = decode(model, model.forward, caches[name], batch, new_tokens, prompt)[1]
         same = sum(a == b for a, b in zip(toks, record[(name, s)])) / len(toks)
-        out.append(f"{name}{'' if s is None else f' s={s}'} {same:.0%}")
-    return "tokens equal to eager: " + ", ".join(out)
+        eager, compiled = (first_step_logits(model, f, caches[name], prompt) for f in (model.forward, fn))
+        err = (compiled - eager).abs().max() / eager.abs().max()
+        out.append(f"{name}{'' if s is None else f' s={s}'} {same:.0%} (logits {err:.1e})")
+    return "tokens equal to eager (first step's logits error): " + ", ".join(out)
+
+
+def first_step_logits(model, fn, cache, prompt):
+    """fp64 logits of the first decode step through `fn` after an eager prefill of `prompt`."""
+    with torch.no_grad():
+        tok = prefill_prompt(model, cache, prompt)
+        pos = torch.arange(prompt.shape[1], prompt.shape[1] + 1, device=prompt.device)
+        return fn(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits.double()
+
+
+def prefill_prompt(model, cache, prompt):
+    """Eager prefill of `prompt` into the reset `cache`; the greedy next token, [batch, 1]."""
+    cache.reset()
+    pos = torch.arange(prompt.shape[1], device=prompt.device)
+    out = model(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
 
 
 def header(args, argv) -> list[str]:
