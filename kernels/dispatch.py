@@ -165,9 +165,10 @@ def cuda_rule(T: int) -> str:
     """The CUDA choice: the Triton kernel for a single token, every expert through cuBLAS then the
     mask (`reference`) otherwise. Measured on an H200 (benchmarks/RESULTS.md, GPU section) in GPU
     time (CUDA graphs): at T = 1 the decode kernels beat cuBLAS from s = 0.5 on; from T = 4 on
-    the decode path, and the grouped path's first design at every T, lost to cuBLAS at every s
-    (its current design is not measured yet: benchmarks/bench_kernels.py's "Triton forced"
-    column will show whether batches should move to it). Not timed per
+    the decode path, and the grouped path's first design at every T, lost to cuBLAS at every s.
+    Its current design (up tiles into h, one dense down GEMM) loses below T = 2048 at
+    every s (0.46-0.53x at T = 16 / 128) and wins only at T = 2048 with s >= 0.75 (1.02x / 1.22x at
+    s = 0.75 / 0.9, 0.58x / 0.79x at s = 0 / 0.5): a density this rule cannot see. Not timed per
     machine as on the CPU: the density cannot be read without a host sync in every call (CUDA
     graphs forbid it), and host-timed trials measure launch overhead, which graphs remove (tried:
     they picked cuBLAS at T = 1, 0.096 ms in graph replay against the kernels' 0.075 at s = 0.5)."""
