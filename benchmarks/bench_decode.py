@@ -505,9 +505,9 @@ def breakdown(args) -> str:
 
 
 def profile_step(args) -> str:
-    """Per-op CPU time of one compiled batch-1 decode step, dense and lte at sparsity
-    `args.profile` (torch.profiler over `args.new_tokens` steps; the eager prefill is excluded):
-    where a step's milliseconds go, beside the table's ratios."""
+    """Per-op CPU time of one compiled decode step at the first of `--batches`, dense and lte at
+    sparsity `args.profile` (torch.profiler over `args.new_tokens` steps; the eager prefill is
+    excluded): where a step's milliseconds go, beside the table's ratios."""
     import lte_compile as lte  # noqa: F401  (registers the backend)
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
@@ -516,16 +516,17 @@ def profile_step(args) -> str:
     dense, cfg = build(args, dtype)
     sparse = prepare_sparse(dense, cfg, args)
     set_biases(sparse, calibrate(sparse, cfg, args.profile, args))
-    prompt = torch.randint(cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(args.seed + 3))
-    lines = ["", f"## Profile of a batch-1 decode step ({args.dtypes[0]}, s = {args.profile}, {args.layers} layers, "
+    batch = args.batches[0]
+    prompt = torch.randint(cfg.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(args.seed + 3))
+    lines = ["", f"## Profile of a batch-{batch} decode step ({args.dtypes[0]}, s = {args.profile}, {args.layers} layers, "
              f"{torch.get_num_threads()} threads; ms per step, self CPU time, top ops)", ""]
     for name, model, backend in (("dense", dense, "inductor"), ("lte", sparse, "lte")):
         fn = torch.compile(model.forward, backend=backend, dynamic=False)
         cache = StaticCache(config=cfg, max_cache_len=PROMPT + args.new_tokens + 1)
-        decode(model, fn, cache, 1, args.new_tokens, prompt)  # compile + warm-up
-        step_ms = decode(model, fn, cache, 1, args.new_tokens, prompt)[0] / args.new_tokens * 1e3
+        decode(model, fn, cache, batch, args.new_tokens, prompt)  # compile + warm-up
+        step_ms = decode(model, fn, cache, batch, args.new_tokens, prompt)[0] / args.new_tokens * 1e3
         prof = profile(activities=[ProfilerActivity.CPU])  # the compiled steps only, not the prefill
-        decode(model, fn, cache, 1, args.new_tokens, prompt, around_steps=lambda: prof)
+        decode(model, fn, cache, batch, args.new_tokens, prompt, around_steps=lambda: prof)
         events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
         lines += [f"**{name}** ({backend}): {step_ms:.1f} ms per step unprofiled", "",
                   "| op | calls per step | self ms per step | total ms per step |", "|---|---|---|---|"]
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breakdown", action="store_true", help="also print the per-FFN cost split at batch 1")
     p.add_argument("--no-decode", action="store_true", help="only the breakdown / profile")
     p.add_argument("--profile", type=float, default=None, metavar="S",
-                   help="also profile one batch-1 decode step per op (torch.profiler), dense and lte at sparsity S "
+                   help="also profile one decode step per op at the first of --batches (torch.profiler), dense and lte at sparsity S "
                    "(in the first of --dtypes)")
     p.add_argument("--attn", default=None, choices=["eager", "sdpa"],
                    help="transformers' attention implementation (default: eager on the CPU, sdpa on CUDA)")

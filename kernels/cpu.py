@@ -206,6 +206,16 @@ def routed_sparse_ffn_cpu(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: Tens
                                      expert_size, float(tau))
 
 
+def route_cpu(x: Tensor, w_r: Tensor, b_r: Tensor | None, tau: float) -> tuple[Tensor, float, bool] | None:
+    """The router in one C++ call: (gates = sigmoid(x w_r^T + b_r) [T, E] fp32, density of the
+    pairs with gate > tau, whether x is finite); None without the extension."""
+    ext = load_extension()
+    if ext is None:
+        return None
+    gates, used, finite = ext.route_cpu(x, w_r, b_r, float(tau))
+    return gates, used / max(1, gates.numel()), finite
+
+
 @register_kernel("dense")
 def dense_masked_ffn(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
                      b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None, act: str,

@@ -50,6 +50,11 @@ CPU_DENSE_ABOVE = {torch.float32: 0.5, torch.bfloat16: 0.15, torch.float16: 0.15
 # bf16 where the kernel has its own AVX512-BF16 path (cpu.bf16_dot_available()): closer to
 # oneDNN's dense bf16 GEMM per used pair (benchmarks/RESULTS.md), so dense wins only above this.
 CPU_DENSE_ABOVE_BF16_DOT = 0.6
+# Batches up to this many tokens run the router in C++ (kernels/cpu.py route_cpu): there it is a
+# few GEMVs over the router's E x d weights, where the torch router's calls and passes cost more
+# than its math (TinyLlama bf16 at T = 16: see benchmarks/RESULTS.md session 10). Larger batches
+# are GEMMs, MKL's to run.
+ROUTER_CPP_MAX_T = 64
 
 # name -> kernel; filled by register_kernel (the reference here, the others by their modules).
 _KERNELS: dict[str, Kernel] = {"reference": sparse_ffn_reference}
@@ -134,7 +139,7 @@ def choose_kernel(x: Tensor, w_up: Tensor, mode: str, gates: Tensor | None = Non
     return _choose(x, w_up, mode, gates, tau, w_gate, w_down, run)[0]
 
 
-def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run) -> tuple[str, Tensor | None]:
+def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run, density=None) -> tuple[str, Tensor | None]:
     if _forced is not None:
         return _forced, None
     if mode != "hard" or x.dtype not in _FAST_DTYPES or w_up.dtype != x.dtype:
@@ -146,7 +151,7 @@ def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run) -> tuple[str, Tensor
     T = x.shape[0]
     if gates is None or T <= autotune.SMALL_T:
         return "cpu", None  # memory-bound decode: the gathered kernel reads a subset of the bytes
-    density = _density(gates, tau)
+    density = _density(gates, tau) if density is None else density
     n, d = w_up.shape
     if not autotune.enabled() or T * n * d < autotune.MIN_WORK or gates.shape[1] == 0 or n % gates.shape[1]:
         return constant_rule(x.dtype, T, density), None
@@ -181,10 +186,18 @@ def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | 
                        tau: float) -> Tensor:
     """Forward of the sparse FFN op on real tensors (same contract as the reference), under the
     ops' NaN policy (rows of y whose x has a NaN/Inf are NaN, as in the eager masked FFN)."""
-    args = (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)
-    name, out = _choose(x, w_up, mode, gates, tau, w_gate, w_down, lambda k: get_kernel(k)(*args))
+    return _forward((x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau))
+
+
+def _forward(args: tuple, density: float | None = None, finite: bool | None = None) -> Tensor:
+    """`sparse_ffn_forward` on its argument tuple; `density` (of the pairs above tau) and `finite`
+    (x has no NaN/Inf) when the caller already knows them (the C++ router counts both)."""
+    x, gates, w_up, w_gate, w_down, tau, mode = args[0], args[1], args[2], args[3], args[4], args[11], args[10]
+    name, out = _choose(x, w_up, mode, gates, tau, w_gate, w_down, lambda k: get_kernel(k)(*args), density)
     y = out if out is not None else get_kernel(name)(*args)
-    return y if name in _APPLIES_NAN_POLICY else nan_rows_like_eager(x, y)
+    if name in _APPLIES_NAN_POLICY or finite:
+        return y
+    return nan_rows_like_eager(x, y)
 
 
 def routed_sparse_ffn_forward(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: Tensor,
@@ -195,15 +208,24 @@ def routed_sparse_ffn_forward(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: 
     NaN policy (`nan_rows_like_eager`).
 
     Where `_choose` would pick the C++ kernel without looking at the gates (CPU decode, T <=
-    autotune.SMALL_T), one C++ call computes both; elsewhere the router runs as torch ops and the
-    gates go through `sparse_ffn_forward`'s choice (which needs their density)."""
-    if (_forced is None and x.device.type == "cpu" and x.shape[0] <= autotune.SMALL_T
+    autotune.SMALL_T), one C++ call computes both. For small batches (T <= ROUTER_CPP_MAX_T) the
+    C++ router computes the gates, their density and x's finiteness in one call, then
+    `sparse_ffn_forward`'s choice runs on them; elsewhere the router runs as torch ops."""
+    T = x.shape[0]
+    if (_forced is None and x.device.type == "cpu" and T <= ROUTER_CPP_MAX_T
             and x.dtype in _FAST_DTYPES and w_up.dtype == x.dtype and w_r.dtype == torch.float32):
-        from .cpu import routed_sparse_ffn_cpu
-        out = routed_sparse_ffn_cpu(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
-                                    expert_size, tau)
-        if out is not None:
-            return out
+        from .cpu import route_cpu, routed_sparse_ffn_cpu
+        if T <= autotune.SMALL_T:
+            out = routed_sparse_ffn_cpu(x, w_r, b_r, w_up, w_gate, w_down, b_up, b_gate, b_down, act,
+                                        expert_size, tau)
+            if out is not None:
+                return out
+        else:
+            routed = route_cpu(x, w_r, b_r, tau)
+            if routed is not None:
+                gates, density, finite = routed
+                args = (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau)
+                return _forward(args, density, finite), gates
     gates = torch.sigmoid(torch.nn.functional.linear(x.to(w_r.dtype), w_r, b_r))
     y = sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau)
     return y, gates

@@ -1070,6 +1070,19 @@ torch::Tensor nan_rows_like_eager(const torch::Tensor& x, torch::Tensor y) {
   return y.masked_fill(bad, std::numeric_limits<double>::quiet_NaN());
 }
 
+// True if every element of xf is finite: one vector sum (a NaN or Inf makes it non-finite; a
+// finite x whose sum overflows is sent to the exact check, nan_rows_like_eager, too).
+bool all_finite(const torch::Tensor& xf) {
+  const float* xp = xf.data_ptr<float>();
+  const int64_t n = xf.numel();
+  vfl acc{};
+  int64_t i = 0;
+  for (; i + LTE_LANES <= n; i += LTE_LANES) acc += loadv(xp + i);
+  float sum = hsumv(acc);
+  for (; i < n; ++i) sum += xp[i];
+  return std::isfinite(sum);
+}
+
 // gates[t, e] = sigmoid(<x[t], w_r[e]> + b_r[e]) in fp32 (LTERouter keeps its weights fp32): the
 // router GEMV, parallel over blocks of kRows expert rows (>= 64 KB of weights per task) with phase
 // 1's dot micro-kernel, kUpToks tokens at a time. xf: fp32 [T, d] contiguous; w_r: fp32 [E, d].
@@ -1123,15 +1136,26 @@ std::tuple<torch::Tensor, torch::Tensor> routed_sparse_ffn_cpu(
   auto xf = x.to(at::kFloat).contiguous();  // once, for the router and the kernel
   auto gates = router_gates(xf, w_r, b_r);
   auto y = sparse_ffn_core(x, xf, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau);
-  // The NaN check on xf itself (a vector sum over T*d floats, T <= 4 here), not an ATen reduction.
-  const float* xp = xf.data_ptr<float>();
-  const int64_t n = xf.numel();
-  vfl acc{};
-  int64_t i = 0;
-  for (; i + LTE_LANES <= n; i += LTE_LANES) acc += loadv(xp + i);
-  float sum = hsumv(acc);
-  for (; i < n; ++i) sum += xp[i];
-  return {std::isfinite(sum) ? y : nan_rows_like_eager(x, y), gates};
+  return {all_finite(xf) ? y : nan_rows_like_eager(x, y), gates};
+}
+
+// The router alone, for batches (kernels/dispatch.py routed_sparse_ffn_forward, 4 < T <= its
+// ROUTER_CPP_MAX_T): (gates [T, E] fp32, number of pairs with gate > tau, whether x is finite).
+// The count is the density the dispatch's choice needs and the flag decides the NaN policy:
+// what the torch router cost in ATen calls (addmm, sigmoid, a cast, a compare, a mean, a sum and
+// their reads) is one pass here.
+std::tuple<torch::Tensor, int64_t, bool> route_cpu(torch::Tensor x, torch::Tensor w_r,
+                                                    c10::optional<torch::Tensor> b_r, double tau) {
+  TORCH_CHECK(x.device().is_cpu() && w_r.device().is_cpu(), "lte route_cpu: tensors must be on the CPU");
+  TORCH_CHECK(w_r.scalar_type() == at::kFloat && w_r.dim() == 2 && x.dim() == 2 && w_r.size(1) == x.size(1),
+              "lte route_cpu: w_r must be float32 [E, d] with x [T, d]");
+  auto xf = x.to(at::kFloat).contiguous();
+  auto gates = router_gates(xf, w_r, b_r);
+  const float* gp = gates.data_ptr<float>();
+  const float t = static_cast<float>(tau);
+  int64_t used = 0;
+  for (int64_t i = 0, n = gates.numel(); i < n; ++i) used += gp[i] > t;
+  return {gates, used, all_finite(xf)};
 }
 
 // True if bf16 batches run on the AVX512-BF16 micro-kernels here (built with them, CPU has them).
@@ -1141,5 +1165,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_ffn_cpu", &sparse_ffn_cpu, "LTE gathered sparse FFN (CPU)");
   m.def("dense_masked_ffn", &dense_masked_ffn, "LTE FFN: dense GEMMs, fused act*up*mask (CPU)");
   m.def("routed_sparse_ffn_cpu", &routed_sparse_ffn_cpu, "LTE router + gathered sparse FFN (CPU, hard mode)");
+  m.def("route_cpu", &route_cpu, "LTE router: gates, pairs above tau, x finite (CPU)");
   m.def("bf16_dot_kernel", &bf16_dot_kernel, "bf16 batches use the AVX512-BF16 path");
 }

@@ -1,6 +1,7 @@
 """CPU kernels (kernels/cpu.py): the C++ gathered kernel and the pure-torch fallback vs the naive loop."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lte_compile.kernels import ACTIVATIONS, cpu, ops, sparse_ffn_reference
+from lte_compile.kernels import ACTIVATIONS, cpu, dispatch, ops, sparse_ffn_reference
 from lte_compile.testing import TAU, FFNCase, assert_matches_naive, examples, gate_mask, sparse_ffn_cases
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,11 +56,13 @@ def test_cpp_kernel_batch1_column_split_matches_naive(case, threads):
 @needs_ext
 @settings(max_examples=examples(150))
 @given(case=sparse_ffn_cases(dtypes=DTYPES, max_T=7, max_E=9, modes=("hard",)),
-       router=st.sampled_from(["drawn", "all off", "all on"]))
-def test_routed_op_matches_float64_router_and_naive(case, router):
-    """lte::routed_sparse_ffn_inference: T <= 4 runs the router inside the C++ kernel, T > 4 as
-    torch ops. Its gates equal the float64 sigmoid(x w_r^T + b_r); its mask agrees wherever the
-    float64 gate is clear of tau; y equals the naive loop on that mask (empty / full via b_r)."""
+       router=st.sampled_from(["drawn", "all off", "all on"]), cpp_router=st.booleans())
+def test_routed_op_matches_float64_router_and_naive(case, router, cpp_router):
+    """lte::routed_sparse_ffn_inference: T <= 4 runs the router inside the C++ kernel; larger T
+    the C++ router (route_cpu) then the dispatch's choice, or (cpp_router False: T above
+    dispatch.ROUTER_CPP_MAX_T) torch ops. Its gates equal the float64 sigmoid(x w_r^T + b_r); its
+    mask agrees wherever the float64 gate is clear of tau; y equals the naive loop on that mask
+    (empty / full via b_r)."""
     T, d = case.x.shape
     E = case.gates.shape[1]
     g = torch.Generator().manual_seed(97 * T + d)
@@ -67,7 +70,7 @@ def test_routed_op_matches_float64_router_and_naive(case, router):
     b_r = {"drawn": torch.randn(E, generator=g), "all off": torch.full((E,), -40.0),
            "all on": torch.full((E,), 40.0)}[router]
     args = case.args()
-    with torch.no_grad():
+    with torch.no_grad(), router_cpp_max_t(dispatch.ROUTER_CPP_MAX_T if cpp_router else 4):
         y, gates = ops.routed_sparse_ffn_inference(args[0], w_r, b_r, *args[2:10], TAU)
     g64 = torch.sigmoid(F.linear(args[0].double(), w_r.double(), b_r.double()))
     assert gates.dtype == torch.float32
@@ -75,6 +78,39 @@ def test_routed_op_matches_float64_router_and_naive(case, router):
     clear = (g64 - TAU).abs() > 1e-5
     assert torch.equal((gates > TAU)[clear], (g64 > TAU)[clear])
     assert_matches_naive(y, dataclasses.replace(case, gates=gates), f"routed op ({router})")
+
+
+@contextlib.contextmanager
+def router_cpp_max_t(t: int):
+    """dispatch.ROUTER_CPP_MAX_T = t within the block (4: batches take the torch router)."""
+    old, dispatch.ROUTER_CPP_MAX_T = dispatch.ROUTER_CPP_MAX_T, t
+    try:
+        yield
+    finally:
+        dispatch.ROUTER_CPP_MAX_T = old
+
+
+@needs_ext
+@settings(max_examples=examples(60))
+@given(T=st.integers(1, 70), d=st.integers(1, 70), E=st.integers(1, 9), dtype=st.sampled_from(DTYPES),
+       bias=st.sampled_from([None, "drawn", "all off", "all on"]), bad=st.sampled_from([None, "nan", "inf", "-inf"]))
+def test_route_cpu_gates_density_and_finite_flag(T, d, E, dtype, bias, bad):
+    """cpu.route_cpu (the batches' C++ router): gates equal the float64 sigmoid(x w_r^T + b_r),
+    the density is the share of its own gates above tau, and the flag says whether x is finite
+    (a NaN or an Inf anywhere makes it False)."""
+    g = torch.Generator().manual_seed(T * 131 + d * 7 + E)
+    x = torch.randn(T, d, generator=g).to(dtype)
+    if bad is not None:
+        x[T // 2, d // 2] = float(bad)
+    w_r = torch.randn(E, d, generator=g) / d ** 0.5
+    b_r = {None: None, "drawn": torch.randn(E, generator=g), "all off": torch.full((E,), -40.0),
+           "all on": torch.full((E,), 40.0)}[bias]
+    gates, density, finite = cpu.route_cpu(x, w_r, b_r, TAU)
+    g64 = torch.sigmoid(F.linear(x.double(), w_r.double(), None if b_r is None else b_r.double()))
+    assert gates.dtype == torch.float32 and gates.shape == (T, E)
+    torch.testing.assert_close(gates.double(), g64, atol=1e-6, rtol=0, equal_nan=True)
+    assert round(density * T * E) == int((gates > TAU).sum()) and 0.0 <= density <= 1.0
+    assert finite == (bad is None)
 
 
 @needs_ext

@@ -124,7 +124,8 @@ def test_inference_op_refuses_a_backward():
         torch.testing.assert_close(ops.sparse_ffn_inference(*args), ops.sparse_ffn(*args))
 
 
-@pytest.mark.parametrize("T", [3, 6])  # the C++ router path (T <= 4) and the torch one
+# the router inside the C++ kernel (T <= 4), the C++ router for batches, the torch one (large T)
+@pytest.mark.parametrize("T", [3, 6, dispatch.ROUTER_CPP_MAX_T + 1])
 def test_routed_op_nan_rows_and_opcheck(T):
     """lte::routed_sparse_ffn_inference: a NaN in a token's x makes its y row (and gates) NaN, as
     the eager masked FFN does even with every expert off; other rows stay finite; fake and schema
