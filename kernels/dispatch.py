@@ -3,13 +3,13 @@
 The op in `ops.py` calls `sparse_ffn_forward`; kernels plug in here, never in ops.py. Two parts:
 `choose_kernel` (the decision: a kernel name) and a name -> kernel table that kernel modules fill
 with `register_kernel` when imported. A kernel has the signature of `sparse_ffn_reference`.
-`cpu.py` registers "cpu" and "torch", `sparse_ffn_triton.py` "triton"; they are imported on first
-lookup only (`_PROVIDERS`), so CPU-only use never imports triton.
+`cpu.py` registers "cpu", "dense" and "torch", `sparse_ffn_triton.py` "triton" and "dense_triton";
+they are imported on first lookup only (`_PROVIDERS`), so CPU-only use never imports triton.
 
     device  mode  dtype             kernel
     cuda    hard  fp32/fp16/bf16    T = 1: Triton (sparse_ffn_triton's decode path); larger T:
-                                    "reference" (cuBLAS for every expert, then the mask), by
-                                    `cuda_rule`, measured on an H200
+                                    "dense_triton" (cuBLAS for every expert, act * up * mask in
+                                    one Triton pass), by `cuda_rule`, measured on an H200
     cpu     hard  fp32/fp16/bf16    T <= 4: C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a
                                     compiler). Larger T: C++ or "dense" (cpu.dense_masked_ffn: dense
                                     MKL/oneDNN GEMMs, one fused act*up*mask pass), whichever was
@@ -59,7 +59,8 @@ ROUTER_CPP_MAX_T = 64
 # name -> kernel; filled by register_kernel (the reference here, the others by their modules).
 _KERNELS: dict[str, Kernel] = {"reference": sparse_ffn_reference}
 # name -> the module (relative to this package) whose import registers it: imported on first use.
-_PROVIDERS = {"cpu": ".cpu", "dense": ".cpu", "torch": ".cpu", "triton": ".sparse_ffn_triton"}
+_PROVIDERS = {"cpu": ".cpu", "dense": ".cpu", "torch": ".cpu", "triton": ".sparse_ffn_triton",
+              "dense_triton": ".sparse_ffn_triton"}
 _forced: str | None = None
 # Kernels registered with nan_policy=True. The reference computes the eager masked FFN's own math
 # (h * mask, then h @ W_down^T), whose rows are non-finite wherever x's are: the policy holds by
@@ -168,7 +169,8 @@ def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run, density=None) -> tup
 
 def cuda_rule(T: int) -> str:
     """The CUDA choice: the Triton kernel for a single token, every expert through cuBLAS then the
-    mask (`reference`) otherwise. Measured on an H200 (benchmarks/RESULTS.md, GPU section) in GPU
+    mask otherwise (`dense_triton`: the mask fused into the act * up pass; the reference's separate
+    passes cost 5-7 % over dense at T = 4-2048, benchmarks/RESULTS.md). Measured on an H200 (benchmarks/RESULTS.md, GPU section) in GPU
     time (CUDA graphs): at T = 1 the decode kernels beat cuBLAS from s = 0.5 on; from T = 4 on
     the decode path, and the grouped path's first design at every T, lost to cuBLAS at every s.
     Its current design (up tiles into h, one dense down GEMM) loses below T = 2048 at
@@ -177,7 +179,7 @@ def cuda_rule(T: int) -> str:
     machine as on the CPU: the density cannot be read without a host sync in every call (CUDA
     graphs forbid it), and host-timed trials measure launch overhead, which graphs remove (tried:
     they picked cuBLAS at T = 1, 0.096 ms in graph replay against the kernels' 0.075 at s = 0.5)."""
-    return "triton" if T == 1 else "reference"
+    return "triton" if T == 1 else "dense_triton"
 
 
 def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,

@@ -493,6 +493,52 @@ def _launch_grouped(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_co
     return nan_rows_like_eager(x, y)
 
 
+# ---------------------------------------------------------------------------------------------
+# dense GEMMs + one masked epilogue: what batches run on CUDA (dispatch.cuda_rule)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _masked_hidden_kernel(u_ptr, g_ptr, gates_ptr, N, tau, s_u, s_g, s_gt_t, s_gt_e,
+                          EXPERT_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr,
+                          GLU: tl.constexpr, HARD: tl.constexpr):
+    """u[t, n] <- act(g[t, n]) * u[t, n] * scale(gates[t, n // B]) (GLU) or act(u) * scale, in place,
+    one program per (token, BLOCK_N columns): the eager masked FFN's act, multiply and mask passes
+    over [T, N] in one. A multiply by the 0/1 scale, not a select: NaN * 0 = NaN keeps the NaN policy."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = cols < N
+    u = tl.load(u_ptr + t * s_u + cols, mask=m, other=0.0)
+    if GLU:
+        v = _activation(tl.load(g_ptr + t * s_g + cols, mask=m, other=0.0).to(tl.float32), ACT) * u.to(tl.float32)
+    else:
+        v = _activation(u.to(tl.float32), ACT)
+    gate = tl.load(gates_ptr + t * s_gt_t + (cols // EXPERT_SIZE) * s_gt_e, mask=m, other=0.0)
+    tl.store(u_ptr + t * s_u + cols, (v * _gate_scale(gate, tau, HARD)).to(u.dtype), mask=m)
+
+
+_INTERP_BLOCK_N = 1024  # the interpreter: few programs
+_BLOCK_N = 1024
+
+
+@register_kernel("dense_triton", nan_policy=True)
+def dense_masked_ffn_triton(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,
+                            w_down: Tensor, b_up: Tensor | None, b_gate: Tensor | None,
+                            b_down: Tensor | None, act: str, expert_size: int, mode: str,
+                            tau: float) -> Tensor:
+    """Every expert through dense GEMMs (cuBLAS), act * up * mask in one Triton pass, then the
+    down GEMM: the reference's math with two passes over [T, N] (and the mask's cast and compare
+    kernels) fewer. The reference's rounding: up / gate / h in x's dtype. NaN policy by
+    construction (h * 0 keeps a NaN)."""
+    T, N = x.shape[0], w_up.shape[0]
+    assert N == gates.shape[1] * expert_size, "lte dense_masked_ffn_triton: shapes do not match"
+    h = torch.nn.functional.linear(x, w_up, b_up)  # [T, N], contiguous: the epilogue writes into it
+    g = torch.nn.functional.linear(x, w_gate, b_gate) if w_gate is not None else h
+    block_n = _INTERP_BLOCK_N if _interpreting() else _BLOCK_N
+    _masked_hidden_kernel[(T, triton.cdiv(N, block_n))](
+        h, g, gates, N, _tau_in(gates.dtype, tau), h.stride(0), g.stride(0), gates.stride(0), gates.stride(1),
+        EXPERT_SIZE=expert_size, BLOCK_N=block_n, ACT=_ACT_CODES[act], GLU=w_gate is not None, HARD=mode == "hard")
+    return torch.mm(h, w_down) if b_down is None else torch.addmm(b_down, h, w_down)
+
+
 if __name__ == "__main__":  # check against the reference and time against cuBLAS (CUDA only)
     from .reference import sparse_ffn_reference
     if not torch.cuda.is_available():

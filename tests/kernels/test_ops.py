@@ -207,7 +207,7 @@ def test_op_rejects_unknown_activation_and_mode():
 
 def test_dispatch_by_registration():
     """Kernels are looked up by name in dispatch's table; a registered kernel can be forced."""
-    assert {"reference", "cpu", "torch", "triton"} <= set(dispatch.kernel_names())
+    assert {"reference", "cpu", "dense", "torch", "triton", "dense_triton"} <= set(dispatch.kernel_names())
     assert dispatch.get_kernel("torch") is __import__("lte_compile.kernels.cpu", fromlist=["x"]).sparse_ffn_torch
     with pytest.raises(ValueError, match="not"):
         with dispatch.set_kernel("no-such-kernel"):

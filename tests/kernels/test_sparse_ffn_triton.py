@@ -79,6 +79,36 @@ def test_grouped_path_matches_naive(case):
     assert_matches_naive(run(case), case, "Triton grouped")
 
 
+def run_dense(case, device="cpu"):
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in case.args()]
+    return tri.dense_masked_ffn_triton(*args).cpu()
+
+
+@interpreted
+@settings(max_examples=examples(60))
+@given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_T=12, max_d=40, max_E=5))
+def test_dense_triton_matches_naive(case):
+    """"dense_triton" (the batches' CUDA path): torch GEMMs and the fused act * up * mask Triton
+    pass, both modes, every mask kind, with and without biases (no tl.dot: bf16 is fine here)."""
+    assert_matches_naive(run_dense(case), case, "dense GEMMs + Triton masked epilogue")
+
+
+@interpreted
+@pytest.mark.parametrize("act", tri.ACTIVATIONS)
+def test_dense_triton_every_activation(act):
+    """Each `_activation` branch in the masked epilogue, GLU and plain FFNs."""
+    g = torch.Generator().manual_seed(5)
+    T, E, B, d = 3, 2, 16, 12
+    f64 = dict(dtype=torch.float64, generator=g)
+    gates = torch.where(torch.rand(T, E, generator=g) > 0.3, TAU + 0.2, TAU - 0.2).float()
+    for glu in (True, False):
+        case = sparse_ffn_case(x=torch.randn(T, d, **f64), gates=gates, w_up=torch.randn(E * B, d, **f64) / 3,
+                               w_gate=torch.randn(E * B, d, **f64) / 3 if glu else None,
+                               w_down=torch.randn(E * B, d, **f64) / 6, b_up=None, b_gate=None, b_down=None,
+                               act=act, expert_size=B, mode="hard", mask_kind="random", dtype=torch.float32)
+        assert_matches_naive(run_dense(case), case, f"dense_triton {act}, glu={glu}")
+
+
 # Where the Triton kernels can run: the CPU through the interpreter (tests/conftest.py turns it on),
 # a GPU where there is one.
 _DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + \
@@ -86,17 +116,19 @@ _DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + \
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-@pytest.mark.parametrize("T", [3, tri.DECODE_MAX_T + 5])
-def test_nan_policy(T, device):
+@pytest.mark.parametrize("T,kernel", [(3, "triton"), (tri.DECODE_MAX_T + 5, "triton"), (5, "dense_triton")])
+def test_nan_policy(T, kernel, device):
     """Rows of y whose x has a NaN/Inf are NaN (the eager masked FFN's NaN * 0), also for a token
     with every expert off; the other rows are untouched. The decode path applies it inside its
-    kernels, the grouped path after them (the dispatch skips its own pass for this kernel)."""
+    kernels, the grouped path after them, dense_triton by its math (the dispatch skips its own
+    pass for these kernels)."""
     case = ragged_case(T, torch.float32, seed=T, d=24, E=3, B=8)
     case.x[0, 5] = float("nan")
     case.x[2, 1] = float("inf")
     case.gates[2] = TAU - 0.3  # token 2: every expert off
     args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in case.args()]
-    y = tri.sparse_ffn_triton(*args).cpu()
+    fn = tri.sparse_ffn_triton if kernel == "triton" else tri.dense_masked_ffn_triton
+    y = fn(*args).cpu()
     assert torch.isnan(y[[0, 2]]).all(), "rows with a non-finite x must be NaN"
     ref = naive_sparse_ffn(*case.args64())
     torch.testing.assert_close(y[1].double(), ref[1], atol=1e-4, rtol=1e-4)
@@ -148,9 +180,11 @@ def untuned():
 @given(case=sparse_ffn_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_T=300,
                              max_d=300, max_E=12))
 def test_gpu_matches_naive(case):
-    """Both paths on real hardware, bf16 tl.dot included, on each kernel's default config."""
+    """Both paths on real hardware, bf16 tl.dot included, on each kernel's default config; and
+    dense_triton (cuBLAS + the masked epilogue), the batches' CUDA path."""
     with untuned():
         assert_matches_naive(run(case, "cuda"), case, "Triton on CUDA")
+    assert_matches_naive(run_dense(case, "cuda"), case, "dense_triton on CUDA")
 
 
 def ragged_case(T: int, dtype: torch.dtype, seed: int, d: int = 200, E: int = 9, B: int = 32) -> sparse_ffn_case:
