@@ -97,6 +97,7 @@ class Row:
     sparse_bytes: dict | None = None  # s -> weight bytes the sparse op reads (experts any token uses)
     kernels: dict | None = None  # s -> kernel dispatch chose
     masked_ms: float | None = None  # every expert through the dense GEMMs, then the mask (CUDA)
+    fused_ms: float | None = None  # the same with the mask fused into the act * up pass (dense_triton)
     triton_ms: dict | None = None  # s -> ms of the Triton kernel forced (CUDA, where dispatch picks another)
 
     def speedup(self, s: float) -> float:
@@ -136,6 +137,7 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
     if dev.type == "cuda":  # the dispatch's alternative there: every expert through cuBLAS, then the mask
         variants["masked"] = lambda l: sparse_ffn_reference(x, gates[sparsities[-1]], *weights[l][:2],
                                                             weights[l][2], None, None, None, "silu", B, "hard", TAU)
+        variants["fused"] = lambda l: _with_kernel("dense_triton", sparse, l, gates[sparsities[-1]])
         if dispatch.cuda_rule(T) != "triton":  # the Triton kernel anyway, to see whether the rule still holds
             for s in sparsities:
                 variants[("triton", s)] = (lambda g: lambda l: _with_kernel("triton", sparse, l, g))(gates[s])
@@ -151,6 +153,7 @@ def bench_case(shape: str, dtype: torch.dtype, T: int, sparsities, layers: int, 
                q(times["index"])[0], {s: q(times[s]) for s in sparsities},
                dense_bytes=E * block, sparse_bytes={s: used[s] * block for s in sparsities},
                masked_ms=q(times["masked"])[0] if "masked" in times else None,
+               fused_ms=q(times["fused"])[0] if "fused" in times else None,
                triton_ms={s: q(times[("triton", s)])[0] for s in sparsities} if ("triton", sparsities[0]) in times
                else None)
 
@@ -246,7 +249,8 @@ def run(args) -> list[Row]:
                                   f" ({row.speedup(s) * (1 - s):.2f} of ideal, {kernels[s]})" for s in args.sparsity)
                       + f"  router {100 * row.router_ms / row.dense_ms:.1f}%"
                       + f" index {100 * row.index_ms / row.dense_ms:.1f}%"
-                      + (f"  dense+mask {row.masked_ms:.3f} ms" if row.masked_ms is not None else "")
+                      + (f"  dense+mask {row.masked_ms:.3f} ms, fused {row.fused_ms:.3f} ms"
+                         if row.masked_ms is not None else "")
                       + (f"  triton forced: {_fmt_forced(row)}" if row.triton_ms else ""), flush=True)
             del weights
     return rows
@@ -278,8 +282,9 @@ def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
            " both as % of dense. GB/s = weight bytes read (dense: all; sparse: every expert some token uses) / median time.",
            ""]
     head = "| shape | dtype | T | dense ms (GB/s) | " + " | ".join(f"s={s}: ms (GB/s; speedup, of ideal)" for s in sp) \
-        + " | router % | index % |" + (" dense+mask ms | Triton forced ms |" if rows and rows[0].masked_ms is not None else "")
-    out += [head, "|" + "---|" * (6 + len(sp) + 2 * (rows and rows[0].masked_ms is not None))]
+        + " | router % | index % |" + (" dense+mask ms | dense + fused mask ms | Triton forced ms |"
+                                        if rows and rows[0].masked_ms is not None else "")
+    out += [head, "|" + "---|" * (6 + len(sp) + 3 * (rows and rows[0].masked_ms is not None))]
     for r in rows:
         cells = [f"{r.sparse[s][0]:.3f} [{r.sparse[s][1]:.3f}, {r.sparse[s][2]:.3f}] ({r.sparse_gbs(s):.1f} GB/s; "
                  f"x{r.speedup(s):.2f}, {r.speedup(s) * (1 - s):.2f}"
@@ -287,7 +292,8 @@ def markdown(rows: list[Row], args, dev: torch.device, argv: list[str]) -> str:
                  for s in sp]
         out.append(f"| {r.shape} | {r.dtype} | {r.T} | {r.dense_ms:.3f} ({r.dense_gbs():.1f}) | " + " | ".join(cells)
                    + f" | {100 * r.router_ms / r.dense_ms:.1f} | {100 * r.index_ms / r.dense_ms:.1f} |"
-                   + (f" {r.masked_ms:.3f} | {_fmt_forced(r) or '—'} |" if r.masked_ms is not None else ""))
+                   + (f" {r.masked_ms:.3f} | {r.fused_ms:.3f} (x{r.dense_ms / r.fused_ms:.2f}) | {_fmt_forced(r) or '—'} |"
+                      if r.masked_ms is not None else ""))
     return "\n".join(out) + "\n"
 
 

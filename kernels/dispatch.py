@@ -8,8 +8,9 @@ they are imported on first lookup only (`_PROVIDERS`), so CPU-only use never imp
 
     device  mode  dtype             kernel
     cuda    hard  fp32/fp16/bf16    T = 1: Triton (sparse_ffn_triton's decode path); larger T:
-                                    "dense_triton" (cuBLAS for every expert, act * up * mask in
-                                    one Triton pass), by `cuda_rule`, measured on an H200
+                                    "reference" (cuBLAS for every expert, then the mask), by
+                                    `cuda_rule`, measured on an H200 ("dense_triton", the mask
+                                    fused into the act * up pass, awaits its GPU measurement)
     cpu     hard  fp32/fp16/bf16    T <= 4: C++ (cpu.sparse_ffn_cpu; pure-torch fallback without a
                                     compiler). Larger T: C++ or "dense" (cpu.dense_masked_ffn: dense
                                     MKL/oneDNN GEMMs, one fused act*up*mask pass), whichever was
@@ -169,8 +170,10 @@ def _choose(x, w_up, mode, gates, tau, w_gate, w_down, run, density=None) -> tup
 
 def cuda_rule(T: int) -> str:
     """The CUDA choice: the Triton kernel for a single token, every expert through cuBLAS then the
-    mask otherwise (`dense_triton`: the mask fused into the act * up pass; the reference's separate
-    passes cost 5-7 % over dense at T = 4-2048, benchmarks/RESULTS.md). Measured on an H200 (benchmarks/RESULTS.md, GPU section) in GPU
+    mask (`reference`) otherwise. Its separate act, multiply and mask passes cost 5-7 % over dense
+    at T = 4-2048 (benchmarks/RESULTS.md); `dense_triton` fuses them into one pass (tested in the
+    interpreter, not yet on a GPU: bench_kernels' "dense + fused mask" column is the measurement
+    that should move batches to it). Measured on an H200 (benchmarks/RESULTS.md, GPU section) in GPU
     time (CUDA graphs): at T = 1 the decode kernels beat cuBLAS from s = 0.5 on; from T = 4 on
     the decode path, and the grouped path's first design at every T, lost to cuBLAS at every s.
     Its current design (up tiles into h, one dense down GEMM) loses below T = 2048 at
@@ -179,7 +182,7 @@ def cuda_rule(T: int) -> str:
     machine as on the CPU: the density cannot be read without a host sync in every call (CUDA
     graphs forbid it), and host-timed trials measure launch overhead, which graphs remove (tried:
     they picked cuBLAS at T = 1, 0.096 ms in graph replay against the kernels' 0.075 at s = 0.5)."""
-    return "triton" if T == 1 else "dense_triton"
+    return "triton" if T == 1 else "reference"
 
 
 def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,

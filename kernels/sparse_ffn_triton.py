@@ -28,6 +28,10 @@ Two paths, chosen by token count (`DECODE_MAX_T`):
   per used pair) measured 7-14x slower than cuBLAS at T = 2048 on an H200 (benchmarks/RESULTS.md);
   this one is not measured on a GPU yet, and `dispatch.cuda_rule` sends batches to cuBLAS + mask.
 
+Beside them, "dense_triton" (`dense_masked_ffn_triton`): every expert through cuBLAS, then act *
+up * mask in one Triton pass over [T, N] (the reference runs it as five kernels). Not measured on
+a GPU yet; `dispatch.cuda_rule` keeps batches on the reference until it is.
+
 All accumulation is fp32; fp32 dots use IEEE precision (no TF32) to match the reference. Block
 sizes are autotuned on CUDA (keyed by shape); in the interpreter fixed big blocks keep the
 program count (~0.4 ms each) low. bf16 `tl.dot` is wrong in the interpreter (triton #11584):
@@ -494,7 +498,7 @@ def _launch_grouped(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act_co
 
 
 # ---------------------------------------------------------------------------------------------
-# dense GEMMs + one masked epilogue: what batches run on CUDA (dispatch.cuda_rule)
+# dense GEMMs + one masked epilogue ("dense_triton"): the candidate for CUDA batches
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _masked_hidden_kernel(u_ptr, g_ptr, gates_ptr, N, tau, s_u, s_g, s_gt_t, s_gt_e,
