@@ -406,10 +406,10 @@ inline void up_block_any(int r, int nt, const uint16_t* const* w, const uint16_t
   }
 }
 
-// Software prefetch (to L2) of rows r0..r0+B of W_down^T, columns [ss, ss + m): the sub-tile the
-// down phase packs next. Its rows are B streams a row stride apart, more than the hardware
-// prefetcher follows: without this the pack loop's loads waited on DRAM (a third of the bf16 down
-// phase's time at T = 16, perf samples; RESULTS.md session 7).
+// Software prefetch (to L2) of rows r0..r0+B of W_down^T, columns [ss, ss + m): (a share of) the
+// sub-tile the down phase packs next. Its rows are B streams a row stride apart, more than the
+// hardware prefetcher follows: without this the pack loop's loads waited on DRAM (a third of the
+// bf16 down phase's time at T = 16, perf samples; RESULTS.md session 7).
 inline void prefetch_rows(const uint16_t* wd, int64_t s_down, int64_t r0, int64_t B, int64_t ss, int64_t m) {
   for (int64_t j = 0; j < B; ++j) {
     const char* p = reinterpret_cast<const char*>(wd + (r0 + j) * s_down + ss);
@@ -761,10 +761,14 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
           for (int64_t ss = cs; ss < cs + n; ss += kDpSub) {
             const int64_t m = std::min(kDpSub, cs + n - ss);
             const int64_t mpad = (m + 15) / 16 * 16;
-            if (ss + kDpSub < cs + n)  // the sub-tile packed next: this expert's, or the next one's
-              prefetch_rows(wd, s_down, e * B, B, ss + kDpSub, std::min(kDpSub, cs + n - ss - kDpSub));
-            else if (a + 1 < A)
-              prefetch_rows(wd, s_down, active[a + 1] * B, B, cs, std::min(kDpSub, n));
+            // The sub-tile packed next (this expert's, or the next one's): rows next_r0.., columns
+            // [next_ss, next_ss + next_m), prefetched in shares below.
+            int64_t next_r0 = -1, next_ss = 0, next_m = 0;
+            if (ss + kDpSub < cs + n) {
+              next_r0 = e * B, next_ss = ss + kDpSub, next_m = std::min(kDpSub, cs + n - ss - kDpSub);
+            } else if (a + 1 < A) {
+              next_r0 = active[a + 1] * B, next_ss = cs, next_m = std::min(kDpSub, n);
+            }
             for (int64_t i = 0; i < Bh; ++i) {  // interleave rows 2i, 2i+1 of this sub-tile
               const uint16_t* r0 = wd + (e * B + 2 * i) * s_down + ss;
               const uint16_t* r1 = 2 * i + 1 < B ? wd + (e * B + 2 * i + 1) * s_down + ss : nullptr;
@@ -773,15 +777,28 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
               else for (int64_t c = 0; c < m; ++c) dst[c] = r0[c];
               for (int64_t c = m; c < mpad; ++c) dst[c] = 0;
             }
-            for (int64_t c = 0; c < np; c += kDpToks) {
-              const int nt = static_cast<int>(std::min<int64_t>(kDpToks, np - c));
-              const uint32_t* hp[kDpToks];
-              float* yr[kDpToks];
-              for (int i = 0; i < nt; ++i) {
-                hp[i] = hb + (p0 + c + i) * Bh;
-                yr[i] = y + tok[p0 + c + i] * d_out + ss;
+            // Slices of one micro-kernel width (16 * kDpCols columns), each after a share of the next sub-tile's prefetches: its DRAM
+            // reads then overlap these dot products (issued at once, the whole sub-tile's ~256
+            // line prefetches stalled the core until they drained: the down phase 16-37 %
+            // slower at T = 16, RESULTS.md session 10).
+            constexpr int64_t kSlice = 16 * kDpCols;
+            const int64_t slices = (m + kSlice - 1) / kSlice;
+            for (int64_t q = 0; q < slices; ++q) {
+              if (next_r0 >= 0) {
+                const int64_t j0 = q * B / slices, j1 = (q + 1) * B / slices;
+                prefetch_rows(wd, s_down, next_r0 + j0, j1 - j0, next_ss, next_m);
               }
-              down_cols_any(nt, pk.data(), kDpSub, Bh, hp, yr, m);
+              const int64_t q0 = q * kSlice;
+              for (int64_t c = 0; c < np; c += kDpToks) {
+                const int nt = static_cast<int>(std::min<int64_t>(kDpToks, np - c));
+                const uint32_t* hp[kDpToks];
+                float* yr[kDpToks];
+                for (int i = 0; i < nt; ++i) {
+                  hp[i] = hb + (p0 + c + i) * Bh;
+                  yr[i] = y + tok[p0 + c + i] * d_out + ss + q0;
+                }
+                down_cols_any(nt, pk.data() + q0, kDpSub, Bh, hp, yr, std::min(kSlice, m - q0));
+              }
             }
           }
           continue;
