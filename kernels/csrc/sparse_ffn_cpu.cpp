@@ -325,16 +325,22 @@ constexpr int64_t kDpSub = 256;  // columns of W_down^T interleaved at a time (B
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 inline __mmask32 mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n) - 1); }
 
-// out[r][t * ostride] += <w[r][0:n], xs[t][0:n]> (bf16 bits), R rows x NT tokens.
+// out[r][t * ostride] += <w[r][0:n], xs[t][0:n]> (bf16 bits), R rows x NT tokens. pf (or null):
+// R rows read next from memory, one line of each prefetched (to L2) per 32-element step, so their
+// DRAM reads overlap this block's dot products: the hardware prefetcher restarts at every 4 KB row
+// (bf16 d = 2048) and left the first lines of each to wait on DRAM (8-24 % of the kernel at T = 1
+// and 16; RESULTS.md session 10).
 template <int R, int NT>
 inline void up_block(const uint16_t* const* w, const uint16_t* const* xs, int64_t n,
-                     float* const* out, int64_t ostride) {
+                     float* const* out, int64_t ostride, const uint16_t* const* pf) {
   __m512 acc[R][NT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= n; k += 32) {
     __m512i wv[R];
+    if (pf)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + k), _MM_HINT_T1);
     for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w[r] + k);
     for (int t = 0; t < NT; ++t) {
       const __m512i xv = _mm512_loadu_si512(xs[t] + k);
@@ -385,24 +391,24 @@ inline void up_block(const uint16_t* const* w, const uint16_t* const* xs, int64_
 
 template <int R>
 inline void up_block_nt(int nt, const uint16_t* const* w, const uint16_t* const* xs, int64_t n,
-                        float* const* out, int64_t ostride) {
+                        float* const* out, int64_t ostride, const uint16_t* const* pf) {
   switch (nt) {
-    case 1: up_block<R, 1>(w, xs, n, out, ostride); break;
-    case 2: up_block<R, 2>(w, xs, n, out, ostride); break;
-    case 3: up_block<R, 3>(w, xs, n, out, ostride); break;
-    case 4: up_block<R, 4>(w, xs, n, out, ostride); break;
-    case 5: up_block<R, 5>(w, xs, n, out, ostride); break;
-    default: up_block<R, 6>(w, xs, n, out, ostride); break;
+    case 1: up_block<R, 1>(w, xs, n, out, ostride, pf); break;
+    case 2: up_block<R, 2>(w, xs, n, out, ostride, pf); break;
+    case 3: up_block<R, 3>(w, xs, n, out, ostride, pf); break;
+    case 4: up_block<R, 4>(w, xs, n, out, ostride, pf); break;
+    case 5: up_block<R, 5>(w, xs, n, out, ostride, pf); break;
+    default: up_block<R, 6>(w, xs, n, out, ostride, pf); break;
   }
 }
 
 inline void up_block_any(int r, int nt, const uint16_t* const* w, const uint16_t* const* xs,
-                         int64_t n, float* const* out, int64_t ostride) {
+                         int64_t n, float* const* out, int64_t ostride, const uint16_t* const* pf) {
   switch (r) {
-    case 1: up_block_nt<1>(nt, w, xs, n, out, ostride); break;
-    case 2: up_block_nt<2>(nt, w, xs, n, out, ostride); break;
-    case 3: up_block_nt<3>(nt, w, xs, n, out, ostride); break;
-    default: up_block_nt<4>(nt, w, xs, n, out, ostride); break;
+    case 1: up_block_nt<1>(nt, w, xs, n, out, ostride, pf); break;
+    case 2: up_block_nt<2>(nt, w, xs, n, out, ostride, pf); break;
+    case 3: up_block_nt<3>(nt, w, xs, n, out, ostride, pf); break;
+    default: up_block_nt<4>(nt, w, xs, n, out, ostride, pf); break;
   }
 }
 
@@ -618,6 +624,14 @@ void up_phase(const PairIndex& ix, const float* x, const uint16_t* xb, bool dp, 
 #if LTE_BF16_DP
       if (dp) {
         const int64_t nrows = glu ? 2 * B : B;  // up rows, then gate rows
+        // rows r0.. r0+R of expert e's up-then-gate rows, from column k0, as bf16 bits
+        auto expert_rows = [&](int64_t ex, int64_t r0, int R, int64_t k0, const uint16_t** rows) {
+          for (int r = 0; r < R; ++r) {
+            const int64_t j = r0 + r;
+            const W* src = j < B ? w_up + (ex * B + j) * s_up : w_gate + (ex * B + j - B) * s_gate;
+            rows[r] = reinterpret_cast<const uint16_t*>(src) + k0;
+          }
+        };
         const int64_t dtile = np <= kDpToks ? d : kDpDTile;
         for (int64_t k0 = 0; k0 < d; k0 += dtile) {
           const int64_t kn = std::min(dtile, d - k0);
@@ -629,15 +643,21 @@ void up_phase(const PairIndex& ix, const float* x, const uint16_t* xb, bool dp, 
               const int R = static_cast<int>(std::min<int64_t>(kDpRows, nrows - r0));
               const uint16_t* wr[kDpRows];
               float* out[kDpRows];
+              expert_rows(e, r0, R, k0, wr);
               for (int r = 0; r < R; ++r) {
                 const int64_t j = r0 + r;
-                const bool up = j < B;
-                const int64_t row = e * B + (up ? j : j - B);
-                const W* src = up ? w_up + row * s_up : w_gate + row * s_gate;
-                wr[r] = reinterpret_cast<const uint16_t*>(src) + k0;
-                out[r] = (up ? hu + j : hg + (j - B)) + c * B;
+                out[r] = (j < B ? hu + j : hg + (j - B)) + c * B;
               }
-              up_block_any(R, nt, wr, xs, kn, out, B);
+              // The rows this thread reads from memory next: the expert's next block (first
+              // chunk; later chunks find the expert in L2), or after its last block the next
+              // expert's first one.
+              const uint16_t* pf[kDpRows];
+              const bool next_block = c == 0 && r0 + kDpRows + R <= nrows;
+              const bool next_expert = c + kDpToks >= np && r0 + kDpRows >= nrows && a + 1 < a1 && k0 == 0 &&
+                                       R <= nrows;
+              if (next_block) expert_rows(e, r0 + kDpRows, R, k0, pf);
+              else if (next_expert) expert_rows(active[a + 1], 0, R, k0, pf);
+              up_block_any(R, nt, wr, xs, kn, out, B, next_block || next_expert ? pf : nullptr);
             }
           }
         }
