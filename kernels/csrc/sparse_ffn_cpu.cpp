@@ -163,8 +163,12 @@ inline float hsumv(vfl v) {
 
 // out[r * NT + t] = <w[r][0:n], xs[t][0:n]> for R weight rows x NT tokens: R*NT accumulators,
 // and per step R weight vectors and NT x vectors loaded once each (R + NT loads for R*NT FMAs).
+// pf (or null): R rows read next from memory, one line of each prefetched per line of w read (see
+// up_block).
 template <typename W, int R, int NT>
-inline void dot_block(const W* const* w, const float* const* xs, int64_t n, float* out) {
+inline void dot_block(const W* const* w, const float* const* xs, int64_t n, float* out,
+                      const W* const* pf = nullptr) {
+  constexpr int64_t kStepBytes = LTE_LANES * sizeof(W);  // a line every 64 / kStepBytes steps
   const W* wr[R];
   const float* xr[NT];
   for (int r = 0; r < R; ++r) wr[r] = w[r];
@@ -175,6 +179,8 @@ inline void dot_block(const W* const* w, const float* const* xs, int64_t n, floa
   int64_t k = 0;
   for (; k + LTE_LANES <= n; k += LTE_LANES) {
     vfl wv[R];
+    if (pf && (kStepBytes >= 64 || (k * int64_t(sizeof(W))) % 64 == 0))
+      for (int r = 0; r < R; ++r) __builtin_prefetch(pf[r] + k, 0, 2);  // to L2 (_MM_HINT_T1), any ISA
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) wv[r] = loadv(wr[r] + k);
 #pragma GCC unroll 16
@@ -193,19 +199,20 @@ inline void dot_block(const W* const* w, const float* const* xs, int64_t n, floa
 }
 
 template <typename W, int R>
-inline void dot_block_nt(int nt, const W* const* w, const float* const* xs, int64_t n, float* out) {
+inline void dot_block_nt(int nt, const W* const* w, const float* const* xs, int64_t n, float* out,
+                         const W* const* pf) {
   switch (nt) {
-    case 1: dot_block<W, R, 1>(w, xs, n, out); break;
-    case 2: dot_block<W, R, 2>(w, xs, n, out); break;
-    case 3: dot_block<W, R, 3>(w, xs, n, out); break;
-    case 4: dot_block<W, R, 4>(w, xs, n, out); break;
-    case 5: dot_block<W, R, 5>(w, xs, n, out); break;
+    case 1: dot_block<W, R, 1>(w, xs, n, out, pf); break;
+    case 2: dot_block<W, R, 2>(w, xs, n, out, pf); break;
+    case 3: dot_block<W, R, 3>(w, xs, n, out, pf); break;
+    case 4: dot_block<W, R, 4>(w, xs, n, out, pf); break;
+    case 5: dot_block<W, R, 5>(w, xs, n, out, pf); break;
 #if LTE_LANES == 16
-    case 6: dot_block<W, R, 6>(w, xs, n, out); break;
-    case 7: dot_block<W, R, 7>(w, xs, n, out); break;
-    default: dot_block<W, R, 8>(w, xs, n, out); break;
+    case 6: dot_block<W, R, 6>(w, xs, n, out, pf); break;
+    case 7: dot_block<W, R, 7>(w, xs, n, out, pf); break;
+    default: dot_block<W, R, 8>(w, xs, n, out, pf); break;
 #else
-    default: dot_block<W, R, 6>(w, xs, n, out); break;
+    default: dot_block<W, R, 6>(w, xs, n, out, pf); break;
 #endif
   }
 }
@@ -214,10 +221,11 @@ inline void dot_block_nt(int nt, const W* const* w, const float* const* xs, int6
 inline int up_rows(int nt) { return nt <= kUpToks / 2 ? 4 : 2; }
 
 template <typename W>
-inline void dot_block_any(int r, int nt, const W* const* w, const float* const* xs, int64_t n, float* out) {
-  if (r == 4) dot_block_nt<W, 4>(nt, w, xs, n, out);
-  else if (r == 2) dot_block_nt<W, 2>(nt, w, xs, n, out);
-  else dot_block_nt<W, 1>(nt, w, xs, n, out);
+inline void dot_block_any(int r, int nt, const W* const* w, const float* const* xs, int64_t n, float* out,
+                          const W* const* pf = nullptr) {
+  if (r == 4) dot_block_nt<W, 4>(nt, w, xs, n, out, pf);
+  else if (r == 2) dot_block_nt<W, 2>(nt, w, xs, n, out, pf);
+  else dot_block_nt<W, 1>(nt, w, xs, n, out, pf);
 }
 
 // y[t][c : c + CB*LTE_LANES] += sum_j h[t][j] * w[j][c : ...] over all B rows, NT tokens: the y
@@ -685,6 +693,13 @@ void up_phase(const PairIndex& ix, const float* x, const uint16_t* xb, bool dp, 
           const float* xs[kUpToks];
           for (int i = 0; i < nt; ++i) xs[i] = x + tok[p0 + c + i] * d + k0;
           const int R = up_rows(nt);
+          // rows r0.. r0+rr of expert ex's up-then-gate rows, from column k0
+          auto expert_rows = [&](int64_t ex, int64_t r0, int rr, const W** rows) {
+            for (int r = 0; r < rr; ++r) {
+              const int64_t j = r0 + r;
+              rows[r] = (j < B ? w_up + (ex * B + j) * s_up : w_gate + (ex * B + j - B) * s_gate) + k0;
+            }
+          };
           for (int64_t r0 = 0; r0 < nrows;) {
             const int rr = nrows - r0 >= R ? R : 1;  // a ragged end: one row at a time
             float res[4 * kUpToks];
@@ -693,14 +708,20 @@ void up_phase(const PairIndex& ix, const float* x, const uint16_t* xb, bool dp, 
             const W* wr[4];
             for (int r = 0; r < rr; ++r) {
               const int64_t j = r0 + r;
-              const bool up = j < B;
-              const int64_t jj = up ? j : j - B;
-              outs[r] = (up ? hu : hg) + jj;
+              outs[r] = (j < B ? hu : hg) + (j < B ? j : j - B);
               if (staged) ws[r] = stage.data() + j * dtile;
-              else wr[r] = (up ? w_up + (e * B + jj) * s_up : w_gate + (e * B + jj) * s_gate) + k0;
             }
+            if (!staged) expert_rows(e, r0, rr, wr);
+            // The rows read next from memory (as in the bf16 path): the expert's next block in the
+            // first chunk, or after its last block the next expert's first one (whole rows only).
+            const W* pf[4];
+            const bool next_block = !staged && c == 0 && r0 + 2 * rr <= nrows;
+            const bool next_expert = !staged && c + kUpToks >= np && r0 + rr >= nrows && a + 1 < a1 &&
+                                     dtile == d;
+            if (next_block) expert_rows(e, r0 + rr, rr, pf);
+            else if (next_expert) expert_rows(active[a + 1], 0, rr, pf);
             if (staged) dot_block_any<float>(rr, nt, ws, xs, kn, res);
-            else dot_block_any<W>(rr, nt, wr, xs, kn, res);
+            else dot_block_any<W>(rr, nt, wr, xs, kn, res, next_block || next_expert ? pf : nullptr);
             for (int r = 0; r < rr; ++r)
               for (int i = 0; i < nt; ++i) outs[r][(c + i) * B] += res[r * nt + i];
             r0 += rr;
