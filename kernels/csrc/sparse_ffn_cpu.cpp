@@ -288,7 +288,8 @@ inline void down_cols_fp32_any(int nt, const float* w, int64_t ws, int64_t B, co
 
 // y[0:n] += sum_r h[r] * w_r[0:n] over R rows (R <= kRowGroup), 4 rows per pass over y.
 template <typename W>
-inline void axpy_rows(float* __restrict y, const W* const* w, const float* h, int R, int64_t n) {
+inline void axpy_rows(float* __restrict y, const W* const* w, const float* h, int R, int64_t n,
+                      const W* const* pf = nullptr) {
   int r = 0;
   for (; r < R; r += 4) {
     const int m = std::min(4, R - r);
@@ -300,6 +301,9 @@ inline void axpy_rows(float* __restrict y, const W* const* w, const float* h, in
                 h3 = m > 3 ? h[r + 3] : 0.f;
     int64_t c = 0;
     for (; c + 16 <= n; c += 16) {
+      // pf: the next group's rows, this pass's share of them (rows r..r+m), a line per line read
+      if (pf && (16 * sizeof(W) >= 64 || (c * int64_t(sizeof(W))) % 64 == 0))
+        for (int q = r; q < r + m; ++q) __builtin_prefetch(pf[q] + c, 0, 2);
       vf16 acc = load16(y + c);
       acc += h0 * load16(w0 + c) + h1 * load16(w1 + c);
       acc += h2 * load16(w2 + c) + h3 * load16(w3 + c);
@@ -549,14 +553,20 @@ inline int64_t t1_column(int64_t k) {  // the column (in the thread's range) hel
   return k / 32 * 32 + 8 * (i / 4) + 4 * (k % 32 / 16) + i % 4;
 }
 
-// yp[0:n) (permuted chunks) += sum_p h pair p . (rows w[2p], w[2p+1]) over NP row pairs.
+constexpr int kPairsT1 = 4;  // row pairs per pass of the batch-1 bf16 down phase
+
+// yp[0:n) (permuted chunks) += sum_p h pair p . (rows w[2p], w[2p+1]) over NP row pairs; pf (or
+// null): the next pass's 2 * kPairsT1 rows to prefetch.
 template <int NP>
-inline void down_pairs_t1(float* yp, const uint16_t* const* w, const uint32_t* hp, int64_t n) {
+inline void down_pairs_t1(float* yp, const uint16_t* const* w, const uint32_t* hp, int64_t n,
+                          const uint16_t* const* pf) {
   __m512i hv[NP];
   const uint16_t* wr[2 * NP];
   for (int p = 0; p < NP; ++p) hv[p] = _mm512_set1_epi32(static_cast<int>(hp[p]));
   for (int r = 0; r < 2 * NP; ++r) wr[r] = w[r];
   for (int64_t c = 0; c < n; c += 32) {
+    if (pf)  // the next pass's rows, a line each per line read here (see up_block)
+      for (int r = 0; r < 2 * kPairsT1; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + c), _MM_HINT_T1);
     const __mmask32 m = mask32(n - c);  // masked tail: zero columns add nothing
     __m512 lo = _mm512_loadu_ps(yp + c), hi = _mm512_loadu_ps(yp + c + 16);
 #pragma GCC unroll 8
@@ -576,13 +586,15 @@ inline void down_pairs_t1(float* yp, const uint16_t* const* w, const uint32_t* h
 // expert (T = 1: one pair each).
 inline void down_phase_t1(const PairIndex& ix, int64_t B, const uint32_t* hb, const uint16_t* wd,
                           int64_t s_down, int64_t c0, int64_t n, float* y) {
-  constexpr int kPairs = 4;
+  constexpr int kPairs = kPairsT1;
   const int64_t Bh = bf16_pairs(B), npad = (n + 31) / 32 * 32;
   std::vector<float> yp(npad, 0.f);
   for (int64_t k = 0; k < npad; ++k)
     if (t1_column(k) < n) yp[k] = y[t1_column(k)];
   std::vector<uint16_t> zero_row(B & 1 ? npad : 0, 0);  // the partner of an odd B's last row
-  for (const int64_t e : ix.active) {
+  const int64_t A = static_cast<int64_t>(ix.active.size());
+  for (int64_t a = 0; a < A; ++a) {
+    const int64_t e = ix.active[a];
     const uint32_t* hp = hb + ix.start[e] * Bh;
     for (int64_t i0 = 0; i0 < Bh; i0 += kPairs) {
       const int np = static_cast<int>(std::min<int64_t>(kPairs, Bh - i0));
@@ -591,11 +603,20 @@ inline void down_phase_t1(const PairIndex& ix, int64_t B, const uint32_t* hb, co
         const int64_t j = 2 * i0 + r;
         w[r] = j < B ? wd + (e * B + j) * s_down + c0 : zero_row.data();
       }
+      // The rows of the next pass (this expert's next pairs, or the next expert's first ones);
+      // a pass short of rows prefetches none (tails).
+      const int64_t next_e = i0 + 2 * kPairs <= Bh ? e : (i0 + kPairs >= Bh && a + 1 < A ? ix.active[a + 1] : -1);
+      const int64_t next_j0 = next_e == e ? 2 * (i0 + kPairs) : 0;
+      const uint16_t* pf[2 * kPairs];
+      const bool prefetch = next_e >= 0 && next_j0 + 2 * kPairs <= B;
+      if (prefetch)
+        for (int r = 0; r < 2 * kPairs; ++r) pf[r] = wd + (next_e * B + next_j0 + r) * s_down + c0;
+      const uint16_t* const* pfp = prefetch ? pf : nullptr;
       switch (np) {
-        case 1: down_pairs_t1<1>(yp.data(), w, hp + i0, n); break;
-        case 2: down_pairs_t1<2>(yp.data(), w, hp + i0, n); break;
-        case 3: down_pairs_t1<3>(yp.data(), w, hp + i0, n); break;
-        default: down_pairs_t1<4>(yp.data(), w, hp + i0, n); break;
+        case 1: down_pairs_t1<1>(yp.data(), w, hp + i0, n, pfp); break;
+        case 2: down_pairs_t1<2>(yp.data(), w, hp + i0, n, pfp); break;
+        case 3: down_pairs_t1<3>(yp.data(), w, hp + i0, n, pfp); break;
+        default: down_pairs_t1<4>(yp.data(), w, hp + i0, n, pfp); break;
       }
     }
   }
@@ -850,7 +871,15 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
             const int R = static_cast<int>(std::min<int64_t>(kRowGroup, B - r0));
             const W* wr[kRowGroup];
             for (int r = 0; r < R; ++r) wr[r] = w_down + (e * B + r0 + r) * s_down + cs;
-            axpy_rows<W>(y + tok[p0] * d_out + cs, wr, h + p0 * B + r0, R, n);
+            // the next group's rows (this expert's, or the next expert's first), when it is as
+            // tall as this one
+            const int64_t next_e = r0 + 2 * R <= B ? e : (r0 + R >= B && a + 1 < A ? active[a + 1] : -1);
+            const int64_t next_r0 = next_e == e ? r0 + R : 0;
+            const W* pf[kRowGroup];
+            const bool prefetch = next_e >= 0 && next_r0 + R <= B;
+            if (prefetch)
+              for (int r = 0; r < R; ++r) pf[r] = w_down + (next_e * B + next_r0 + r) * s_down + cs;
+            axpy_rows<W>(y + tok[p0] * d_out + cs, wr, h + p0 * B + r0, R, n, prefetch ? pf : nullptr);
           }
           continue;
         }
