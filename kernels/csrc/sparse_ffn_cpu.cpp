@@ -581,6 +581,86 @@ inline void down_pairs_t1(float* yp, const uint16_t* const* w, const uint32_t* h
   }
 }
 
+// Small batches' down phase without a packed copy of W_down^T (down_phase_unpacked): as in
+// down_pairs_t1, two rows are interleaved in registers by unpacklo/hi_epi16, so y is kept permuted
+// per 32-column chunk. NT tokens x one 64-column block (two chunks): y[t] += h pairs . (rows w[2i],
+// w[2i+1]) over Bh pairs, 4 x NT accumulators; n: the block's columns that exist (masked loads).
+template <int NT>
+inline void down_unpacked_block(const uint16_t* const* w, int64_t Bh, const uint32_t* const* hp,
+                                float* const* yp, int64_t n) {
+  const __mmask32 m0 = mask32(n), m1 = mask32(n > 32 ? n - 32 : 0);
+  __m512 acc[NT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int b = 0; b < 4; ++b) acc[t][b] = _mm512_loadu_ps(yp[t] + 16 * b);
+  for (int64_t i = 0; i < Bh; ++i) {
+    const __m512i a0 = _mm512_maskz_loadu_epi16(m0, w[2 * i]), b0 = _mm512_maskz_loadu_epi16(m0, w[2 * i + 1]);
+    const __m512i a1 = _mm512_maskz_loadu_epi16(m1, w[2 * i] + 32);
+    const __m512i b1 = _mm512_maskz_loadu_epi16(m1, w[2 * i + 1] + 32);
+    const __m512i v[4] = {_mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
+                          _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1)};
+    for (int t = 0; t < NT; ++t) {
+      const __m512i hv = _mm512_set1_epi32(static_cast<int>(hp[t][i]));
+      for (int b = 0; b < 4; ++b) acc[t][b] = _mm512_dpbf16_ps(acc[t][b], as_bh(v[b]), as_bh(hv));
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int b = 0; b < 4; ++b) _mm512_storeu_ps(yp[t] + 16 * b, acc[t][b]);
+}
+
+inline void down_unpacked_any(int nt, const uint16_t* const* w, int64_t Bh, const uint32_t* const* hp,
+                              float* const* yp, int64_t n) {
+  switch (nt) {
+    case 1: down_unpacked_block<1>(w, Bh, hp, yp, n); break;
+    case 2: down_unpacked_block<2>(w, Bh, hp, yp, n); break;
+    case 3: down_unpacked_block<3>(w, Bh, hp, yp, n); break;
+    case 4: down_unpacked_block<4>(w, Bh, hp, yp, n); break;
+    case 5: down_unpacked_block<5>(w, Bh, hp, yp, n); break;
+    default: down_unpacked_block<6>(w, Bh, hp, yp, n); break;
+  }
+}
+
+// The down phase of one thread for small batches (T <= kUnpackedMaxT): y[:, c0:c0+n) += h @
+// W_down^T[:, c0:c0+n) over every active expert's tokens, the rows used as loaded (no pack loop:
+// at T = 5-64 it cost more than the dot products, 1.08-1.17x at density 0.5-1; RESULTS.md session
+// 10). The thread's columns of all T rows of y are kept permuted (t1_column) for the phase; the
+// next expert's rows are prefetched a 64-column block at a time. Larger batches reuse a packed
+// sub-tile across many token chunks instead (down_phase's packed path).
+constexpr int64_t kUnpackedMaxT = 64;
+constexpr int64_t kUnpackedMaxB = 128;  // row pointers per block on the stack
+inline void down_phase_unpacked(const PairIndex& ix, int64_t T, int64_t B, const uint32_t* hb,
+                                const uint16_t* wd, int64_t s_down, int64_t d_out, int64_t c0,
+                                int64_t n, float* y) {
+  const int64_t Bh = bf16_pairs(B), npad = (n + 63) / 64 * 64;
+  std::vector<float> yp(T * npad, 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < npad; ++k)
+      if (t1_column(k) < n) yp[t * npad + k] = y[t * d_out + c0 + t1_column(k)];
+  std::vector<uint16_t> zero_row(B & 1 ? npad : 0, 0);  // the partner of an odd B's last row
+  const int64_t A = static_cast<int64_t>(ix.active.size());
+  for (int64_t a = 0; a < A; ++a) {
+    const int64_t e = ix.active[a], p0 = ix.start[e], np = ix.count[e];
+    for (int64_t q0 = 0; q0 < npad; q0 += 64) {
+      const int64_t qn = std::min<int64_t>(64, n - q0);
+      if (a + 1 < A) prefetch_rows(wd, s_down, ix.active[a + 1] * B, B, c0 + q0, qn);
+      const uint16_t* w[2 * kUnpackedMaxB];
+      for (int64_t j = 0; j < 2 * Bh; ++j) w[j] = j < B ? wd + (e * B + j) * s_down + c0 + q0 : zero_row.data();
+      for (int64_t c = 0; c < np; c += kDpToks) {
+        const int nt = static_cast<int>(std::min<int64_t>(kDpToks, np - c));
+        const uint32_t* hp[kDpToks];
+        float* yr[kDpToks];
+        for (int i = 0; i < nt; ++i) {
+          hp[i] = hb + (p0 + c + i) * Bh;
+          yr[i] = yp.data() + ix.tok[p0 + c + i] * npad + q0;
+        }
+        down_unpacked_any(nt, w, Bh, hp, yr, qn);
+      }
+    }
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < npad; ++k)
+      if (t1_column(k) < n) y[t * d_out + c0 + t1_column(k)] = yp[t * npad + k];
+}
+
 // The batch-1 down phase of one thread: y[0:n) += h @ W_down^T[:, c0:c0+n) over the active experts,
 // 4 row pairs per pass over the thread's (L1-resident) y range. hb: h as bf16 pairs, one row per
 // expert (T = 1: one pair each).
@@ -806,6 +886,12 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
 #if LTE_BF16_DP
     if (dp && T == 1) {
       down_phase_t1(ix, B, hb, reinterpret_cast<const uint16_t*>(w_down), s_down, c0, c1 - c0, y + c0);
+      return;
+    }
+    if (dp && T <= kUnpackedMaxT && B <= kUnpackedMaxB) {
+      for (int64_t cs = c0; cs < c1; cs += ct)  // a y tile of T x ct floats at a time (in L2)
+        down_phase_unpacked(ix, T, B, hb, reinterpret_cast<const uint16_t*>(w_down), s_down, d_out, cs,
+                            std::min(ct, c1 - cs), y);
       return;
     }
 #endif
