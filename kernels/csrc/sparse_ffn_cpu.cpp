@@ -581,6 +581,23 @@ inline void down_pairs_t1(float* yp, const uint16_t* const* w, const uint32_t* h
   }
 }
 
+// Calls fn(nt, hp, yr) for an expert's pairs p0..p0+np in chunks of up to kDpToks tokens: hp their
+// h rows as bf16 pairs, yr their rows of y (row stride ys) from column yoff (both dp down paths).
+template <typename F>
+inline void dp_token_chunks(const std::vector<int32_t>& tok, int64_t p0, int64_t np, const uint32_t* hb,
+                            int64_t Bh, float* ybase, int64_t ys, int64_t yoff, F&& fn) {
+  for (int64_t c = 0; c < np; c += kDpToks) {
+    const int nt = static_cast<int>(std::min<int64_t>(kDpToks, np - c));
+    const uint32_t* hp[kDpToks];
+    float* yr[kDpToks];
+    for (int i = 0; i < nt; ++i) {
+      hp[i] = hb + (p0 + c + i) * Bh;
+      yr[i] = ybase + tok[p0 + c + i] * ys + yoff;
+    }
+    fn(nt, hp, yr);
+  }
+}
+
 // Small batches' down phase without a packed copy of W_down^T (down_phase_unpacked): as in
 // down_pairs_t1, two rows are interleaved in registers by unpacklo/hi_epi16, so y is kept permuted
 // per 32-column chunk. NT tokens x one 64-column block (two chunks): y[t] += h pairs . (rows w[2i],
@@ -644,16 +661,10 @@ inline void down_phase_unpacked(const PairIndex& ix, int64_t T, int64_t B, const
       if (a + 1 < A) prefetch_rows(wd, s_down, ix.active[a + 1] * B, B, c0 + q0, qn);
       const uint16_t* w[2 * kUnpackedMaxB];
       for (int64_t j = 0; j < 2 * Bh; ++j) w[j] = j < B ? wd + (e * B + j) * s_down + c0 + q0 : zero_row.data();
-      for (int64_t c = 0; c < np; c += kDpToks) {
-        const int nt = static_cast<int>(std::min<int64_t>(kDpToks, np - c));
-        const uint32_t* hp[kDpToks];
-        float* yr[kDpToks];
-        for (int i = 0; i < nt; ++i) {
-          hp[i] = hb + (p0 + c + i) * Bh;
-          yr[i] = yp.data() + ix.tok[p0 + c + i] * npad + q0;
-        }
-        down_unpacked_any(nt, w, Bh, hp, yr, qn);
-      }
+      dp_token_chunks(ix.tok, p0, np, hb, Bh, yp.data(), npad, q0,
+                      [&](int nt, const uint32_t* const* hp, float* const* yr) {
+                        down_unpacked_any(nt, w, Bh, hp, yr, qn);
+                      });
     }
   }
   for (int64_t t = 0; t < T; ++t)
@@ -925,10 +936,10 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
               else for (int64_t c = 0; c < m; ++c) dst[c] = r0[c];
               for (int64_t c = m; c < mpad; ++c) dst[c] = 0;
             }
-            // Slices of one micro-kernel width (16 * kDpCols columns), each after a share of the next sub-tile's prefetches: its DRAM
-            // reads then overlap these dot products (issued at once, the whole sub-tile's ~256
-            // line prefetches stalled the core until they drained: the down phase 16-37 %
-            // slower at T = 16, RESULTS.md session 10).
+            // Slices of one micro-kernel width (16 * kDpCols columns), each after a share of the
+            // next sub-tile's prefetches: its DRAM reads then overlap these dot products (issued
+            // at once, the sub-tile's ~256 line prefetches stalled the core until they drained:
+            // the down phase 16-37 % slower at T = 16, RESULTS.md session 10).
             constexpr int64_t kSlice = 16 * kDpCols;
             const int64_t slices = (m + kSlice - 1) / kSlice;
             for (int64_t q = 0; q < slices; ++q) {
@@ -937,16 +948,10 @@ void down_phase(const PairIndex& ix, bool dp, int64_t T, int64_t B, const float*
                 prefetch_rows(wd, s_down, next_r0 + j0, j1 - j0, next_ss, next_m);
               }
               const int64_t q0 = q * kSlice;
-              for (int64_t c = 0; c < np; c += kDpToks) {
-                const int nt = static_cast<int>(std::min<int64_t>(kDpToks, np - c));
-                const uint32_t* hp[kDpToks];
-                float* yr[kDpToks];
-                for (int i = 0; i < nt; ++i) {
-                  hp[i] = hb + (p0 + c + i) * Bh;
-                  yr[i] = y + tok[p0 + c + i] * d_out + ss + q0;
-                }
-                down_cols_any(nt, pk.data() + q0, kDpSub, Bh, hp, yr, std::min(kSlice, m - q0));
-              }
+              dp_token_chunks(tok, p0, np, hb, Bh, y, d_out, ss + q0,
+                              [&](int nt, const uint32_t* const* hp, float* const* yr) {
+                                down_cols_any(nt, pk.data() + q0, kDpSub, Bh, hp, yr, std::min(kSlice, m - q0));
+                              });
             }
           }
           continue;
