@@ -188,16 +188,12 @@ def cuda_rule(T: int) -> str:
 def sparse_ffn_forward(x: Tensor, gates: Tensor, w_up: Tensor, w_gate: Tensor | None,
                        w_down: Tensor, b_up: Tensor | None, b_gate: Tensor | None,
                        b_down: Tensor | None, act: str, expert_size: int, mode: str,
-                       tau: float) -> Tensor:
+                       tau: float, *, density: float | None = None, finite: bool | None = None) -> Tensor:
     """Forward of the sparse FFN op on real tensors (same contract as the reference), under the
-    ops' NaN policy (rows of y whose x has a NaN/Inf are NaN, as in the eager masked FFN)."""
-    return _forward((x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau))
-
-
-def _forward(args: tuple, density: float | None = None, finite: bool | None = None) -> Tensor:
-    """`sparse_ffn_forward` on its argument tuple; `density` (of the pairs above tau) and `finite`
-    (x has no NaN/Inf) when the caller already knows them (the C++ router counts both)."""
-    x, gates, w_up, w_gate, w_down, tau, mode = args[0], args[1], args[2], args[3], args[4], args[11], args[10]
+    ops' NaN policy (rows of y whose x has a NaN/Inf are NaN, as in the eager masked FFN).
+    `density` (of the pairs above tau) and `finite` (x has no NaN/Inf): where the caller already
+    knows them (the C++ router counts both), the choice and the NaN policy skip their passes."""
+    args = (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, mode, tau)
     name, out = _choose(x, w_up, mode, gates, tau, w_gate, w_down, lambda k: get_kernel(k)(*args), density)
     y = out if out is not None else get_kernel(name)(*args)
     if name in _APPLIES_NAN_POLICY or finite:
@@ -229,8 +225,8 @@ def routed_sparse_ffn_forward(x: Tensor, w_r: Tensor, b_r: Tensor | None, w_up: 
             routed = route_cpu(x, w_r, b_r, tau)
             if routed is not None:
                 gates, density, finite = routed
-                args = (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau)
-                return _forward(args, density, finite), gates
+                return sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size,
+                                          "hard", tau, density=density, finite=finite), gates
     gates = torch.sigmoid(torch.nn.functional.linear(x.to(w_r.dtype), w_r, b_r))
     y = sparse_ffn_forward(x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, act, expert_size, "hard", tau)
     return y, gates

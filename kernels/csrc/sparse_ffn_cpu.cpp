@@ -19,7 +19,8 @@
 //            act(x W_gate[e]^T + b_gate) * (x W_up[e]^T + b_up) * scale. d is tiled so the
 //            expert's weight tile stays in L2 while chunks of kUpToks tokens reuse it (grouped by
 //            expert: at batch > 1 each weight block is read from memory once, however many tokens
-//            need it). Micro-kernel dot_block: R rows x NT tokens of vector accumulators.
+//            need it). Micro-kernel dot_block: R rows x NT tokens of vector accumulators, with
+//            the rows read next prefetched a line per line read.
 //   2. down: parallel over column tiles of d_out (no reduction buffers, deterministic). For each
 //            active expert, y[t, tile] += h[p, :] @ W_down^T[e, tile] over its pairs: one token
 //            streams 8 rows at a time (axpy_rows); several are register-blocked (down_block:
@@ -321,9 +322,12 @@ inline void axpy_rows(float* __restrict y, const W* const* w, const float* h, in
 //   up:   h[t, j] = <W[j, :], x[t, :]>, both bf16 along d: the pairs are consecutive d elements,
 //         so rows are used as stored (no repacking); one 16-lane sum per (row, token) per d tile.
 //         Blocked 4 rows x 6 tokens (24 accumulators).
-//   down: y[t, c] += sum_j h[t, j] W_down^T[j, c]: the pairs run along j, so two rows of W_down^T
-//         are interleaved once per 256-column sub-tile ([B/2, 256] uint32), and h is rounded to
-//         bf16 once (as the grouped Triton path does). Blocked 6 tokens x 64 columns.
+//   down: y[t, c] += sum_j h[t, j] W_down^T[j, c]: the pairs run along j, and h is rounded to
+//         bf16 once (as the grouped Triton path does). Up to kUnpackedMaxT tokens (decode batches;
+//         batch 1: down_phase_t1) two rows are interleaved in registers by unpacklo/hi, y kept
+//         permuted per thread tile; larger batches interleave them once per 256-column sub-tile
+//         ([B/2, 256] uint32) that many token chunks reuse. Blocked 6 tokens x 64 columns.
+// Both phases prefetch the weight rows they read next a line at a time inside the dot products.
 
 constexpr int kDpRows = 4;       // weight rows per up micro-kernel
 constexpr int kDpToks = 6;       // tokens per micro-kernel (both phases)
