@@ -54,6 +54,23 @@ def test_cpp_kernel_batch1_column_split_matches_naive(case, threads):
 
 
 @needs_ext
+@settings(max_examples=examples(25))
+@given(case=sparse_ffn_cases(dtypes=(torch.bfloat16, torch.float32), min_T=2, max_T=64, max_d=400, max_E=4,
+                             expert_sizes=(3, 8, 32)), threads=st.sampled_from([2, 3]))
+def test_cpp_kernel_small_batches_on_threads_match_naive(case, threads):
+    """Small batches on several threads: each thread's column tiles of y (tails that are no
+    multiple of 64, an odd B's zero partner row); on an AVX512-BF16 CPU, bf16 draws run the down
+    phase without the packed copy (down_phase_unpacked: rows interleaved in registers, y permuted
+    per tile), fp32 draws the register-blocked fp32 path."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, f"C++ kernel, T={case.x.shape[0]}, {threads} threads")
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_ext
 @settings(max_examples=examples(150))
 @given(case=sparse_ffn_cases(dtypes=DTYPES, max_T=7, max_E=9, modes=("hard",)),
        router=st.sampled_from(["drawn", "all off", "all on"]), cpp_router=st.booleans())
