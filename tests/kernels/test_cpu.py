@@ -37,6 +37,17 @@ def test_cpp_kernel_matches_naive_many_tokens(case):
     assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, "C++ kernel, many tokens")
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch.set_num_threads(n) within the block (the kernel splits its work by torch's count)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @needs_ext
 @settings(max_examples=examples(60))
 @given(case=sparse_ffn_cases(dtypes=DTYPES, max_T=1, max_d=1100, max_E=4), threads=st.sampled_from([2, 3]))
@@ -45,12 +56,8 @@ def test_cpp_kernel_batch1_column_split_matches_naive(case, threads):
     wide outputs, several threads, ranges that do not divide d_out. On an AVX512-BF16 CPU, bf16
     draws run the batch-1 bf16 pairs path (down_phase_t1: permuted y range, masked 32-column
     tails, an odd B's zero partner row)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, f"C++ kernel, T=1, {threads} threads")
-    finally:
-        torch.set_num_threads(old)
 
 
 @needs_ext
@@ -62,12 +69,8 @@ def test_cpp_kernel_small_batches_on_threads_match_naive(case, threads):
     multiple of 64, an odd B's zero partner row); on an AVX512-BF16 CPU, bf16 draws run the down
     phase without the packed copy (down_phase_unpacked: rows interleaved in registers, y permuted
     per tile), fp32 draws the register-blocked fp32 path."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert_matches_naive(cpu.sparse_ffn_cpu(*case.args()), case, f"C++ kernel, T={case.x.shape[0]}, {threads} threads")
-    finally:
-        torch.set_num_threads(old)
 
 
 @needs_ext
